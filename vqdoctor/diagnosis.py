@@ -1,0 +1,100 @@
+"""Checkpoint diagnosis pipeline: read -> discover -> measure -> judge -> report.
+
+Data flows one way. This module glues the stages; each stage lives in its own package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vqdoctor import __version__
+from vqdoctor.checkpoint import open_checkpoint
+from vqdoctor.errors import ProbeError
+from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
+from vqdoctor.metrics.drift import drift_metrics
+from vqdoctor.metrics.probe import load_probe, probe_for, probe_metrics
+from vqdoctor.quantizers import discover
+from vqdoctor.quantizers.base import QuantizerState
+from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.rules import Evidence, QuantizerEvidence, diagnose
+
+
+def evidence_from_states(states: list[QuantizerState], metrics: dict[str, dict[str, float]]) -> Evidence:
+    """Evidence for the rules from discovered quantizers and their measured metrics."""
+    qs = [QuantizerEvidence(name=s.name, kind=s.kind, library=s.library,
+                            codebook_size=s.codebook_size, dim=s.dim, heads=s.heads,
+                            group=s.group, stage=s.stage, metric=s.metric,
+                            metrics=metrics[s.name], notes=list(s.notes)) for s in states]
+    return Evidence(source_kind="checkpoint", quantizers=qs)
+
+
+def inspect_checkpoints(
+    paths: Sequence[str | Path],
+    *,
+    probe: str | Path | None = None,
+    quantizers: Sequence[str] | None = None,
+    levels: Sequence[int] | None = None,
+    trust_checkpoint: bool = False,
+    thresholds: dict[str, dict[str, Any]] | None = None,
+) -> Report:
+    """Diagnose one checkpoint, or several taken from one run (oldest first).
+
+    Args:
+        paths: checkpoint files or folders. With several, the last is diagnosed and the earlier
+            ones give drift (codebook movement, dead-code growth).
+        probe: tensor file of encoder outputs (the quantizer's input), or a dict name -> tensor.
+        quantizers: key prefixes naming the quantizers to use, when discovery is wrong or ambiguous.
+        levels: FSQ levels, for FSQ quantizers (nothing of them is stored).
+        trust_checkpoint: allow full unpickling (runs code from the file; only for files you trust).
+        thresholds: per-rule threshold overrides.
+
+    Returns:
+        The ranked report.
+    """
+    paths = [str(p) for p in paths]
+    history: list[list[QuantizerState]] = []
+    sources = []
+    for p in paths:
+        src = open_checkpoint(p, trust=trust_checkpoint)
+        sources.append(src)
+        history.append(discover(src, only=quantizers, levels=levels))
+    states = history[-1]
+
+    z_by_name: dict[str, torch.Tensor] = {}
+    if probe is not None:
+        z_all = load_probe(str(probe))
+        for s in states:
+            z = probe_for(z_all, s, path=str(probe))
+            if z is not None:
+                z_by_name[s.name] = z
+        if not z_by_name:
+            raise ProbeError("no quantizer matches the probe's dimension or names",
+                             path=str(probe), hint="pass a [N, D] tensor, or a dict keyed by quantizer name")
+
+    metrics: dict[str, dict[str, float]] = {}
+    for s in states:
+        m = codebook_metrics(s)
+        if s.name in z_by_name:
+            m.update(probe_metrics(s, z_by_name[s.name]))
+        if len(history) > 1:
+            series = [next((x for x in h if x.name == s.name), None) for h in history]
+            m.update(drift_metrics([x for x in series if x is not None]))
+        metrics[s.name] = m
+
+    ev = evidence_from_states(states, metrics)
+    findings, errors = diagnose(ev, thresholds)
+    quantizer_reports = [QuantizerReport(info=s.describe(), metrics=metrics[s.name],
+                                         histogram=usage_histogram(s), notes=list(s.notes))
+                         for s in states]
+    last = sources[-1]
+    source = {"kind": "checkpoint", "paths": paths, "torch": torch.__version__,
+              "safe_load": all(x.safe_load for x in sources), "format": last.format,
+              "container": last.container}
+    if probe is not None:
+        source["probe"] = str(probe)
+    return Report(source=source, quantizers=quantizer_reports, findings=findings, errors=errors,
+                  tool_version=__version__)

@@ -1,0 +1,130 @@
+"""Find quantizers in a checkpoint and turn them into the normal form (`QuantizerState`).
+
+Adapters are tried from the most specific layout to the generic fallback; a key claimed by one
+adapter is never reused by another. Each adapter lives in its own module and exposes `ADAPTER`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+from vqdoctor.checkpoint.base import TensorSource
+from vqdoctor.errors import NoQuantizerError
+from vqdoctor.quantizers.base import KINDS, Adapter, QuantizerState
+
+# Order matters: specific layouts first, the generic fallback last.
+ADAPTER_MODULES = (
+    "lucidrains",      # vector-quantize-pytorch: VectorQuantize, ResidualVQ, GroupedResidualVQ, LFQ, SimVQ
+    "encodec",         # encodec / audiocraft core_vq, transformers EnCodec
+    "mimi",            # transformers Mimi
+    "dac",             # descript-audio-codec and transformers DAC
+    "taming",          # taming VectorQuantizer2, GumbelQuantize, EMAVectorQuantizer; diffusers VQModel
+    "rosinality",      # VQ-VAE-2 Quantize (embed stored [dim, n_embed])
+    "zalando",         # zalando VectorQuantizerEMA
+    "sonnet",          # Sonnet-style EMA modules
+    "generic",         # a [K, D] table plus EMA-like buffers
+)
+
+# Shown when nothing is found, so the user knows what was tried.
+SEARCHED = (
+    "vector-quantize-pytorch (VectorQuantize, ResidualVQ, GroupedResidualVQ, LFQ, SimVQ), "
+    "encodec/audiocraft core_vq, transformers EnCodec/Mimi/DAC, descript-audio-codec, diffusers VQModel, "
+    "taming VectorQuantizer2/GumbelQuantize/EMAVectorQuantizer, rosinality VQ-VAE-2, zalando VectorQuantizerEMA, "
+    "Sonnet EMA, generic [K, D] codebook with EMA buffers"
+)
+
+
+def adapters() -> list[Adapter]:
+    """The adapters, in the order they are tried (modules not present are skipped)."""
+    out = []
+    for name in ADAPTER_MODULES:
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            continue
+        out.append(mod.ADAPTER)
+    return out
+
+
+def _matches(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
+def discover(src: TensorSource, *, only: Sequence[str] | None = None,
+             levels: Sequence[int] | None = None) -> list[QuantizerState]:
+    """Every quantizer in `src`, in file order.
+
+    Args:
+        src: the opened checkpoint.
+        only: key prefixes naming the quantizers wanted (`--quantizer`). A prefix that no adapter
+            recognises is read as an explicit quantizer by the generic adapter.
+        levels: FSQ levels, for FSQ quantizers named in `only` (nothing of them is stored).
+
+    Raises:
+        NoQuantizerError: nothing found, or a named prefix holds no quantizer; the message says
+            what was searched and how to name one.
+    """
+    claimed: set[str] = set()
+    states: list[QuantizerState] = []
+    for ad in adapters():
+        found = ad.find(src, claimed)
+        for s in found:
+            claimed.update(s.keys.values())
+        states.extend(found)
+
+    if only:
+        from vqdoctor.quantizers import generic
+
+        picked = [s for s in states if _matches(s.name, only)]
+        for p in only:
+            if not any(_matches(s.name, [p]) for s in picked):
+                picked.extend(generic.explicit(src, p.rstrip("."), levels=levels))
+        states = picked
+    elif levels:
+        for s in states:
+            if s.kind == "fsq" and s.levels is None:
+                s.levels = tuple(int(x) for x in levels)
+
+    if not states:
+        n = len(src.keys())
+        raise NoQuantizerError(
+            f"no quantizer found among {n} tensor{'s' * (n != 1)}",
+            path=src.path,
+            hint=f"searched for: {SEARCHED}; name one with --quantizer PREFIX "
+                 f"(e.g. --quantizer model.quantize), adding --levels for FSQ")
+
+    order = {k: i for i, k in enumerate(src.infos)}
+    states.sort(key=lambda s: min((order.get(k, 1 << 60) for k in s.keys.values()), default=1 << 60))
+    attach_optimizer(src, states)
+    return states
+
+
+def attach_optimizer(src: TensorSource, states: list[QuantizerState]) -> None:
+    """Match optimizer moments (Adam `exp_avg`/`exp_avg_sq`) to codebooks by shape, when unique.
+
+    Optimizer state is indexed by parameter position, not name, so the match is by shape: a
+    moment whose shape equals the stored codebook shape, and no other candidate of that shape.
+    """
+    entries = src.meta.get("optimizer") or []
+    if not entries:
+        return
+    for s in states:
+        if s.kind not in ("vq", "gumbel", "simvq") or "codebook" not in s.keys:
+            continue
+        shape = src.infos[s.keys["codebook"]].shape
+        same = [e for e in entries if tuple(e.get("shape", ())) == tuple(shape)]
+        if len(same) != 1:
+            continue
+        moments = {}
+        for name, key in same[0]["keys"].items():
+            t = src.get_float(key)
+            if s.codebook is not None and t.numel() == s.codebook.numel():
+                moments[name] = t.reshape(s.codebook.shape)
+        if moments:
+            s.optimizer = moments
+
+
+__all__ = ["KINDS", "SEARCHED", "Adapter", "QuantizerState", "adapters", "discover"]

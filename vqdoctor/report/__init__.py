@@ -1,0 +1,5 @@
+"""Report model and output formats."""
+
+from vqdoctor.report.model import SCHEMA_VERSION, QuantizerReport, Report
+
+__all__ = ["SCHEMA_VERSION", "QuantizerReport", "Report"]

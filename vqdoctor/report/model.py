@@ -1,0 +1,113 @@
+"""The report: what every output format renders. JSON contract: SPEC.md, `schema_version` 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vqdoctor.rules.base import Finding, Severity, json_value
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantizerReport:
+    """One quantizer as reported: identity (`describe()` of the normal form) and metrics.
+
+    Attributes:
+        info: JSON-native identity: name, kind, library, codebook_size, dim, heads, ...
+        metrics: scalar metrics by name.
+        histogram: code usage as fractions of K in a few buckets, or counts per code bin, for the
+            small usage chart; empty when there are no counts.
+        notes: caveats for the user.
+    """
+
+    info: dict[str, Any]
+    metrics: dict[str, Any]
+    histogram: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The quantizer's name."""
+        return str(self.info.get("name", ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native dict: the identity keys, then `metrics`, `histogram`, `notes`."""
+        out = dict(json_value(self.info))
+        out["metrics"] = json_value(self.metrics)
+        if self.histogram:
+            out["histogram"] = json_value(self.histogram)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """A ranked diagnosis.
+
+    Attributes:
+        source: {"kind": "checkpoint"|"run", "paths": [...], "torch": version, "safe_load": bool, ...}.
+        quantizers: what was found, in discovery order.
+        findings: ranked, root cause first.
+        errors: problems that made the analysis incomplete (e.g. a rule that raised), as
+            {"code"/"id"/"where": ..., "message": ...} dicts.
+        tool_version: vqdoctor version.
+    """
+
+    source: dict[str, Any]
+    quantizers: list[QuantizerReport]
+    findings: list[Finding]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    tool_version: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """"failing" with any error finding, "warning" with any warning, else "healthy"."""
+        sev = {f.severity for f in self.findings}
+        if Severity.ERROR.value in sev:
+            return "failing"
+        if Severity.WARNING.value in sev:
+            return "warning"
+        return "healthy"
+
+    @property
+    def diagnosis(self) -> Finding | None:
+        """The first finding of severity error or warning: the diagnosis. None when healthy."""
+        for f in self.findings:
+            if f.severity in (Severity.ERROR.value, Severity.WARNING.value):
+                return f
+        return None
+
+    def count(self, severity: str) -> int:
+        """Number of findings of one severity."""
+        return sum(1 for f in self.findings if f.severity == severity)
+
+    def exceeds(self, fail_on: str) -> bool:
+        """True when a finding is at or above `fail_on` ("error", "warning"; "never" is never)."""
+        if fail_on == "never":
+            return False
+        limit = Severity(fail_on).rank
+        return any(Severity(f.severity).rank <= limit for f in self.findings)
+
+    def summary_line(self) -> str:
+        """One line for stderr, e.g. "failing: 2 errors, 1 warning in 3 quantizers (scale-mismatch)"."""
+        e, w = self.count("error"), self.count("warning")
+        nq = len(self.quantizers)
+        parts = [f"{e} error{'s' * (e != 1)}", f"{w} warning{'s' * (w != 1)}"]
+        head = f"{self.verdict}: {', '.join(parts)} in {nq} quantizer{'s' * (nq != 1)}"
+        d = self.diagnosis
+        return f"{head} (diagnosis: {d.id})" if d else head
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (SPEC.md contract, schema_version 1)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "vqdoctor", "version": self.tool_version},
+            "source": json_value(self.source),
+            "verdict": self.verdict,
+            "quantizers": [q.to_dict() for q in self.quantizers],
+            "findings": [f.to_dict() for f in self.findings],
+            "errors": json_value(self.errors),
+        }
