@@ -13,10 +13,9 @@ import torch
 
 from vqdoctor import __version__
 from vqdoctor.checkpoint import open_checkpoint
-from vqdoctor.errors import ProbeError
 from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
 from vqdoctor.metrics.drift import drift_metrics
-from vqdoctor.metrics.probe import load_probe, probe_for, probe_metrics
+from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.base import QuantizerState
 from vqdoctor.report.model import QuantizerReport, Report
@@ -66,20 +65,15 @@ def inspect_checkpoints(
 
     z_by_name: dict[str, torch.Tensor] = {}
     if probe is not None:
-        z_all = load_probe(str(probe))
-        for s in states:
-            z = probe_for(z_all, s, path=str(probe))
-            if z is not None:
-                z_by_name[s.name] = z
-        if not z_by_name:
-            raise ProbeError("no quantizer matches the probe's dimension or names",
-                             path=str(probe), hint="pass a [N, D] tensor, or a dict keyed by quantizer name")
+        # Raises ProbeError (naming the probe's shape and each quantizer's dim) when nothing fits.
+        z_by_name = probe_inputs(load_probe(str(probe)), states, path=str(probe))
 
     metrics: dict[str, dict[str, float]] = {}
     for s in states:
         m = codebook_metrics(s)
         if s.name in z_by_name:
-            m.update(probe_metrics(s, z_by_name[s.name]))
+            m.update(probe_metrics(s, z_by_name[s.name], projected=True,
+                                   code_norm_ref=m.get("code_norm_median")))
         if len(history) > 1:
             series = [next((x for x in h if x.name == s.name), None) for h in history]
             m.update(drift_metrics([x for x in series if x is not None]))

@@ -95,6 +95,8 @@ class Report:
         """One line for stderr, e.g. "failing: 2 errors, 1 warning in 3 quantizers (scale-mismatch)"."""
         e, w = self.count("error"), self.count("warning")
         nq = len(self.quantizers)
+        if e == w == 0:
+            return f"healthy: no problems found in {nq} quantizer{'s' * (nq != 1)}"
         parts = [f"{e} error{'s' * (e != 1)}", f"{w} warning{'s' * (w != 1)}"]
         head = f"{self.verdict}: {', '.join(parts)} in {nq} quantizer{'s' * (nq != 1)}"
         d = self.diagnosis

@@ -32,11 +32,14 @@ def _order(fid: str) -> int:
 
 
 def _in_scope(cause: Finding, symptom: Finding, groups: dict[str, str | None]) -> bool:
-    """A cause explains a symptom on the same quantizer, in the same residual group, or run-wide."""
-    if cause.quantizer is None or cause.quantizer == symptom.quantizer:
+    """A cause explains a symptom on the same quantizer, in the same residual group, or run-wide.
+
+    Run-wide works both ways: a run-wide cause (loss divergence) explains any quantizer's
+    symptoms, and a run-wide symptom (the loss) can be explained by any quantizer's mechanism
+    (a scale mismatch whose commitment term grows with ||z||).
+    """
+    if cause.quantizer is None or symptom.quantizer is None or cause.quantizer == symptom.quantizer:
         return True
-    if symptom.quantizer is None:
-        return False
     g1, g2 = groups.get(cause.quantizer), groups.get(symptom.quantizer)
     return g1 is not None and g1 == g2
 
@@ -50,6 +53,20 @@ def _causes(a: Finding, b: Finding, explains: dict[str, tuple[str, ...]]) -> boo
             return a.step < b.step
         return _order(a.id) < _order(b.id)
     return True
+
+
+def _ancestors(parent: dict[int, int], i: int) -> list[int]:
+    """Causes above finding `i`, nearest first (stops at a repeat, so never loops)."""
+    out: list[int] = []
+    while i in parent and parent[i] not in out and parent[i] != i:
+        i = parent[i]
+        out.append(i)
+    return out
+
+
+def _closes_cycle(parent: dict[int, int], child: int, cause: int) -> bool:
+    """True when making `cause` the parent of `child` would close a cycle."""
+    return cause == child or child in _ancestors(parent, cause)
 
 
 def _key(f: Finding) -> tuple:
@@ -70,6 +87,7 @@ def rank(findings: list[Finding], rules: dict[str, Rule],
     explains = {rid: r.spec.explains for rid, r in rules.items()}
     ordered = sorted(findings, key=_key)
     parent: dict[int, int] = {}
+    options: dict[int, list[int]] = {}
     for i, f in enumerate(ordered):
         if f.severity == Severity.INFO.value:
             continue
@@ -78,14 +96,19 @@ def rank(findings: list[Finding], rules: dict[str, Rule],
                       and _in_scope(g, f, groups) and _causes(g, f, explains)]
         candidates.sort(key=lambda j: (_order(ordered[j].id), Severity(ordered[j].severity).rank,
                                        -ordered[j].confidence))
+        options[i] = candidates
         for j in candidates:
-            k, seen = j, {i}
-            while k in parent and k not in seen:  # refuse an edge that would close a cycle
-                seen.add(k)
-                k = parent[k]
-            if k not in seen:
+            if not _closes_cycle(parent, i, j):
                 parent[i] = j
                 break
+    # Prefer the nearest explanation under the same root: when a symptom's chosen cause also
+    # explains another candidate cause (scale-mismatch -> dead-codes), hang the symptom under
+    # that intermediate, so the report reads as a chain rather than siblings.
+    for i in list(parent):
+        chained = [d for d in options.get(i, []) if d != parent[i]
+                   and parent[i] in _ancestors(parent, d) and not _closes_cycle(parent, i, d)]
+        if chained:
+            parent[i] = max(chained, key=lambda d: len(_ancestors(parent, d)))
     children: dict[int, list[int]] = {}
     for i, j in parent.items():
         children.setdefault(j, []).append(i)

@@ -1,0 +1,146 @@
+"""Ranking: root cause first, caused_by chains, scope, mutual explanation by onset, rule errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from rules_kit import checkpoint, ema_step, gen, measured, state
+
+from vqdoctor.rules import Finding, diagnose, registry, rule
+from vqdoctor.rules.base import _REGISTRY, RuleSpec
+from vqdoctor.rules.ranking import rank
+
+RULES = registry()
+
+
+def f(rid: str, quantizer: str | None = "q", *, severity: str = "error", step: int | None = None,
+      confidence: float = 0.8) -> Finding:
+    return RULES[rid].spec.finding(severity=severity, confidence=confidence, quantizer=quantizer,
+                                   message=rid, evidence={}, fix="", step=step)
+
+
+def chain(findings: list[Finding]) -> list[tuple[str, str | None]]:
+    return [(x.id, x.caused_by) for x in findings]
+
+
+def test_scale_mismatch_dead_codes_index_collapse_read_as_a_chain():
+    found = [f("index-collapse"), f("dead-codes", severity="warning"), f("scale-mismatch")]
+    assert chain(rank(found, RULES)) == [("scale-mismatch", None),
+                                         ("dead-codes", "scale-mismatch"),
+                                         ("index-collapse", "dead-codes")]
+
+
+def test_mutual_explanation_resolved_by_earliest_onset():
+    early_scale = [f("loss-divergence", None, step=50), f("scale-mismatch", step=10)]
+    assert chain(rank(early_scale, RULES)) == [("scale-mismatch", None),
+                                               ("loss-divergence", "scale-mismatch")]
+    early_loss = [f("loss-divergence", None, step=10), f("scale-mismatch", step=50)]
+    assert chain(rank(early_loss, RULES)) == [("loss-divergence", None),
+                                              ("scale-mismatch", "loss-divergence")]
+
+
+def test_mutual_explanation_without_steps_follows_root_order():
+    found = [f("scale-mismatch"), f("loss-divergence", None)]
+    assert chain(rank(found, RULES))[0] == ("loss-divergence", None)
+
+
+def test_run_wide_cause_explains_every_quantizer():
+    found = [f("dead-codes", "q1"), f("index-collapse", "q2"), f("loss-divergence", None)]
+    ranked = rank(found, RULES)
+    assert ranked[0].id == "loss-divergence"
+    assert {x.caused_by for x in ranked[1:]} == {"loss-divergence"}
+
+
+def test_quantizer_mechanism_explains_a_run_wide_symptom():
+    # q1's scale mismatch came first and drove the loss up; q2 drifted only after the loss did
+    found = [f("scale-mismatch", "q2", step=50), f("loss-divergence", None, step=30),
+             f("scale-mismatch", "q1", step=10)]
+    assert [(x.quantizer, x.caused_by) for x in rank(found, RULES)] == [
+        ("q1", None), (None, "scale-mismatch"), ("q2", "loss-divergence")]
+
+
+def test_residual_group_scope():
+    groups = {"rvq.layers.0": "rvq", "rvq.layers.1": "rvq", "other": None}
+    found = [f("ema-divergence", "rvq.layers.0"), f("dead-codes", "rvq.layers.1"),
+             f("dead-codes", "other")]
+    by_q = {x.quantizer: x.caused_by for x in rank(found, RULES, groups)}
+    assert by_q == {"rvq.layers.0": None, "rvq.layers.1": "ema-divergence", "other": None}
+
+
+def test_info_findings_come_last_and_explain_nothing():
+    found = [f("rank-desync", severity="info"), f("dead-codes", severity="warning"),
+             f("index-collapse")]
+    ranked = rank(found, RULES)
+    assert chain(ranked) == [("dead-codes", None), ("index-collapse", "dead-codes"),
+                             ("rank-desync", None)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_no_cycles_and_nothing_lost(seed):
+    rnd = random.Random(seed)
+    ids = list(RULES)
+    found = [f(rnd.choice(ids), rnd.choice(["q0", "q1", None]),
+               severity=rnd.choice(["error", "warning", "info"]),
+               step=rnd.choice([None, 0, 10, 10, 50])) for _ in range(12)]
+    ranked = rank(found, RULES, {"q0": "g", "q1": "g"})
+    assert ranked == rank(found, RULES, {"q0": "g", "q1": "g"})  # deterministic
+    key = lambda x: repr((x.id, x.quantizer, x.step, x.severity))  # noqa: E731
+    assert sorted(map(key, ranked)) == sorted(map(key, found))  # nothing lost or duplicated
+    # every finding's cause appears before it: the caused_by graph is a forest, ranked top-down
+    for i, x in enumerate(ranked):
+        if x.caused_by is not None:
+            assert any(y.id == x.caused_by for y in ranked[:i]), chain(ranked)
+            assert x.severity != "info"
+
+
+def test_a_raising_rule_becomes_an_error_entry():
+    spec = RuleSpec(code="VQ999", id="broken-for-test", title="broken", explains=(), doc="")
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        pass
+
+    def check(ev, p):
+        raise ZeroDivisionError("boom")
+
+    try:
+        rule(spec, Params)(check)
+        ev = checkpoint(measured(state(torch.randn(8, 2), kind="vq",
+                                       optimizer={"exp_avg_sq": torch.zeros(8, 2)})))
+        findings, errors = diagnose(ev)
+    finally:
+        _REGISTRY.pop("broken-for-test", None)
+    assert errors == [{"rule": "broken-for-test", "code": "VQ999",
+                       "message": "rule raised ZeroDivisionError: boom"}]
+    assert [x.id for x in findings] == ["frozen-codebook"]  # the other rules still ran
+    assert "broken-for-test" not in registry()
+
+
+def test_zero_initialised_ema_checkpoint_diagnosed_end_to_end():
+    """The SPEC story's mechanism on real tensors: one EMA step from zero counts, then a probe."""
+    g = gen(0)
+    K, D = 512, 64
+    cb, z = torch.randn(K, D, generator=g), torch.randn(4096, D, generator=g)
+    e, n, m = ema_step(cb, z)
+    probe = torch.randn(4096, D, generator=g)
+    findings, errors = diagnose(checkpoint(measured(state(e, counts=n, sums=m), probe=probe)))
+    assert errors == []
+    assert chain(findings) == [("ema-divergence", None), ("scale-mismatch", "ema-divergence"),
+                               ("dead-codes", "scale-mismatch"), ("index-collapse", "dead-codes")]
+    json.dumps([x.to_dict() for x in findings], allow_nan=False)  # evidence is JSON-native
+
+
+def test_healthy_checkpoint_has_no_findings():
+    g = gen(1)
+    K, D = 256, 8
+    z = torch.randn(8192, D, generator=g)
+    cb = z[:K].clone()
+    e, n, m = cb, torch.ones(K), cb.clone()
+    for _ in range(5):
+        e, n, m = ema_step(e, z, counts=n, sums=m)
+    findings, errors = diagnose(checkpoint(measured(state(e, counts=n, sums=m), probe=z[:4096])))
+    assert (findings, errors) == ([], [])

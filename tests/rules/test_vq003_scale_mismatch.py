@@ -1,0 +1,108 @@
+"""VQ003 scale-mismatch: probe and run ratios of input to code norms, with usage/geometry confirmation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from rules_kit import check, checkpoint, frame, gen, measured, one, qev, run, state
+
+RULE = "scale-mismatch"
+K, D = 512, 64
+
+
+def probe_case(codebook: torch.Tensor, z: torch.Tensor, **kw):
+    return checkpoint(measured(state(codebook, kind="vq", **kw), probe=z))
+
+
+def test_taming_uniform_init_against_unit_scale_inputs_is_an_error():
+    g = gen(0)
+    cb = (torch.rand(K, D, generator=g) * 2 - 1) / K  # taming/diffusers init uniform(+-1/K)
+    z = torch.randn(4096, D, generator=g)
+    ratio = float(z.norm(dim=1).median() / cb.norm(dim=1).median())
+    f = one(RULE, probe_case(cb, z))
+    assert (f.id, f.severity) == ("scale-mismatch", "error")
+    assert np.isclose(f.evidence["scale_ratio"], ratio, rtol=1e-4)
+    assert ratio > 100
+    # inputs far outside the codebook's cloud, though argmax-like lookups still spread them
+    assert f.evidence["nearest_to_intercode"] > 3
+    assert f.confidence == 0.7
+    assert "k-means" in f.fix
+
+
+def test_tiny_encoder_outputs_collapse_to_the_innermost_code():
+    g = gen(1)
+    cb = torch.randn(K, D, generator=g)
+    z = 0.005 * torch.randn(4096, D, generator=g)
+    f = one(RULE, probe_case(cb, z))
+    assert f.severity == "error"
+    assert f.evidence["scale_ratio"] < 0.006
+    assert f.evidence["usage_effective"] < 0.1
+    assert f.confidence == 0.9
+
+
+def test_codebook_from_data_is_silent():
+    g = gen(2)
+    z = torch.randn(4096, D, generator=g)
+    assert check(RULE, probe_case(z[:K].clone(), z)) == []
+
+
+def test_near_warn_ratio():
+    g = gen(3)
+    cb = torch.randn(K, D, generator=g)
+    base = torch.randn(4096, D, generator=g)
+    below = check(RULE, probe_case(cb, 9.0 * base))
+    above = one(RULE, probe_case(cb, 11.0 * base))
+    assert below == []
+    assert above.severity == "warning"
+    assert 10 <= above.evidence["scale_ratio"] < 100
+
+
+def test_far_ratio_with_healthy_usage_and_geometry_is_silent():
+    q = qev({"scale_ratio": 50.0, "probe_perplexity": 400.0, "probe_tokens": 4096.0,
+             "nearest_to_intercode": 1.0}, kind="vq", K=K)
+    assert check(RULE, checkpoint(q)) == []
+
+
+def test_checkpoint_without_probe_is_silent():
+    cb = (torch.rand(K, D, generator=gen(4)) * 2 - 1) / K
+    assert check(RULE, checkpoint(measured(state(cb, kind="vq")))) == []
+
+
+def test_cosine_lookup_ignores_static_ratio():
+    q = qev({"scale_ratio": 900.0, "nearest_to_intercode": 50.0, "probe_perplexity": 1.0,
+             "probe_tokens": 4096.0}, kind="vq", K=K, metric="cosine")
+    assert check(RULE, checkpoint(q)) == []
+
+
+def test_run_drift_apart_onset_and_severity():
+    steps = range(0, 1000, 10)
+    ratio = [1.0] * 50 + [50.0] * 50
+    perp = [300.0] * 50 + [3.0] * 50
+    q = qev(series=frame(steps, scale_ratio=ratio, perplexity=perp, tokens=[1024] * 100), K=K)
+    f = one(RULE, run(q))
+    assert (f.step, f.severity) == (500, "warning")
+    assert f.evidence["scale_ratio"] == 50.0
+    assert f.evidence["usage_effective"] == 3.0 / K
+
+
+def test_run_transient_at_init_that_recovers_is_silent():
+    ratio = [200.0] * 10 + [1.0] * 40
+    q = qev(series=frame(scale_ratio=ratio, perplexity=[2.0] * 10 + [300.0] * 40), K=K)
+    assert check(RULE, run(q)) == []
+
+
+def test_run_ratio_from_medians_when_scale_ratio_not_recorded():
+    q = qev(series=frame(z_norm_median=[8.0] * 10, code_norm_median=[0.008] * 10,
+                         nearest_to_intercode=[700.0] * 10), K=K)
+    f = one(RULE, run(q))
+    assert (f.step, f.severity) == (0, "error")
+    assert np.isclose(f.evidence["scale_ratio"], 1000.0)
+
+
+def test_run_cosine_input_norm_growth_lucidrains_26():
+    z = list(np.geomspace(22.0, 20000.0, 100))  # input norm 22 -> 20000
+    f = one(RULE, run(qev(series=frame(z_norm_median=z), metric="cosine")))
+    assert f.severity == "error"
+    first = int(np.argmax(np.asarray(z) / 22.0 >= 10.0))
+    assert f.step == first
+    assert np.isclose(f.evidence["z_growth"], 20000.0 / 22.0)

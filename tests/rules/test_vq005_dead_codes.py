@@ -1,0 +1,107 @@
+"""VQ005 dead-codes: counts, probe, optimizer state, FSQ/LFQ and run series, relative to n/K."""
+
+from __future__ import annotations
+
+import torch
+from rules_kit import assign, check, checkpoint, frame, gen, measured, one, qev, run, state
+
+RULE = "dead-codes"
+
+
+def counts_state(counts: torch.Tensor, D: int = 8, **kw):
+    return state(torch.randn(counts.numel(), D, generator=gen(9)), counts=counts, **kw)
+
+
+def test_counts_from_real_assignments_error():
+    g = gen(0)
+    K, D = 1024, 64
+    cb = torch.randn(K, D, generator=g)
+    z = cb[:4].repeat(1024, 1) + 0.01 * torch.randn(4096, D, generator=g)  # 4 clusters only
+    counts = torch.bincount(assign(z, cb), minlength=K).float()
+    s = state(cb, counts=counts)
+    f = one(RULE, checkpoint(measured(s)))
+    assert (f.id, f.severity) == ("dead-codes", "error")
+    assert f.evidence["dead_codes"] == 1020
+    assert f.evidence["dead_fraction"] == 1020 / 1024
+    assert f.evidence["count_expected"] == 4.0
+    assert f.message.startswith("1,020/1,024 codes dead (99.6%)")
+    assert "64 to 8-32" in f.fix  # a 64-d lookup: lower the dimension
+
+
+def test_near_warn_fraction():
+    counts = torch.full((1000,), 4.0)
+    counts[:249] = 0.0
+    assert check(RULE, checkpoint(measured(counts_state(counts)))) == []
+    counts[:250] = 0.0
+    f = one(RULE, checkpoint(measured(counts_state(counts))))
+    assert (f.severity, f.evidence["dead_codes"]) == ("warning", 250)
+
+
+def test_relative_to_expected_count_not_absolute():
+    # every code below 1 hit, but all near the expected n/K = 0.5: none dead
+    counts = torch.full((1024,), 0.5)
+    counts[::2] = 0.45
+    assert check(RULE, checkpoint(measured(counts_state(counts)))) == []
+
+
+def test_uninitialised_kmeans_named_in_fix():
+    counts = torch.zeros(512)
+    counts[:10] = 50.0
+    f = one(RULE, checkpoint(measured(counts_state(counts, initted=False))))
+    assert "initted is False" in f.fix
+
+
+def test_probe_needs_enough_tokens():
+    g = gen(1)
+    K, D = 256, 16
+    cb = torch.randn(K, D, generator=g)
+    few = cb[:8].repeat(100, 1)  # 800 vectors < 4 x 256
+    assert check(RULE, checkpoint(measured(state(cb, kind="vq"), probe=few))) == []
+    many = cb[:8].repeat(200, 1)  # 1600 >= 4 x 256
+    f = one(RULE, checkpoint(measured(state(cb, kind="vq"), probe=many)))
+    assert (f.evidence["source"], f.evidence["dead_codes"]) == ("probe_dead_fraction", 248)
+
+
+def test_probe_worse_than_counts_wins():
+    q = qev({"dead_fraction": 0.1, "probe_dead_fraction": 0.9, "probe_tokens": 1e5}, K=512)
+    f = one(RULE, checkpoint(q))
+    assert (f.severity, f.evidence["source"], f.confidence) == ("error", "probe_dead_fraction", 0.75)
+
+
+def test_optimizer_rows_without_gradient():
+    K, D = 128, 8
+    v = torch.rand(K, D, generator=gen(2))
+    v[:80] = 0.0  # Adam exp_avg_sq exactly 0: rows never selected
+    s = state(torch.randn(K, D, generator=gen(3)), kind="vq", optimizer={"exp_avg_sq": v})
+    f = one(RULE, checkpoint(measured(s)))
+    assert f.evidence["source"] == "optim_rows_no_grad_fraction"
+    assert f.evidence["dead_fraction"] == 80 / 128
+
+
+def test_fsq_unused_levels_and_lfq_stuck_bit():
+    f = one(RULE, checkpoint(qev({"fsq_level_usage_min": 0.4}, kind="fsq", K=1000, D=3)))
+    assert (f.severity, round(f.evidence["dead_fraction"], 6)) == ("error", 0.6)
+    f = one(RULE, checkpoint(qev({"lfq_bit_balance_min": 0.0}, kind="lfq", K=1024, D=10)))
+    assert f.evidence["dead_fraction"] == 0.5
+    assert check(RULE, checkpoint(qev({"lfq_bit_balance_min": 0.5}, kind="lfq", K=1024))) == []
+
+
+def test_run_onset_sustained_and_still_dead():
+    steps = range(0, 500, 10)
+    dead = [0.1] * 20 + [0.6] * 30
+    f = one(RULE, run(qev(series=frame(steps, dead_fraction=dead))))
+    assert (f.step, f.severity, f.evidence["dead_fraction"]) == (200, "error", 0.6)
+
+
+def test_run_transient_is_silent():
+    dead = [0.1] * 20 + [0.6] * 2 + [0.1] * 20  # two rows < sustain_steps, and gone at the end
+    assert check(RULE, run(qev(series=frame(dead_fraction=dead)))) == []
+
+
+def test_run_usage_window_skips_short_windows():
+    K = 512
+    usage = [0.2] * 10 + [0.3] * 10
+    tokens = [1000] * 10 + [4096] * 10  # only the last 10 rows saw >= 4K vectors
+    f = one(RULE, run(qev(series=frame(usage_window=usage, window_tokens=tokens), K=K)))
+    assert (f.step, f.evidence["source"], f.severity) == (10, "usage_window", "error")
+    assert f.evidence["dead_fraction"] == 0.7

@@ -1,0 +1,71 @@
+"""VQ006 index-collapse: perplexity relative to min(K, n) and top-1 share, counts/probe/run."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from rules_kit import assign, check, checkpoint, frame, gen, measured, one, qev, run, state
+
+RULE = "index-collapse"
+
+
+def uniform_over(m: int, K: int = 1000) -> torch.Tensor:
+    counts = torch.zeros(K)
+    counts[:m] = 10.0
+    return counts
+
+
+def test_two_codes_from_real_assignments():
+    g = gen(0)
+    K, D = 512, 16
+    cb = torch.randn(K, D, generator=g)
+    z = torch.cat([cb[3].repeat(700, 1), cb[7].repeat(300, 1)]) + 1e-3 * torch.randn(1000, D, generator=g)
+    counts = torch.bincount(assign(z, cb), minlength=K).float()
+    f = one(RULE, checkpoint(measured(state(cb, counts=counts))))
+    expected = math.exp(-(0.7 * math.log(0.7) + 0.3 * math.log(0.3)))
+    assert (f.id, f.severity) == ("index-collapse", "error")
+    assert math.isclose(f.evidence["perplexity"], expected, rel_tol=1e-6)
+    assert math.isclose(f.evidence["top1_share"], 0.7, rel_tol=1e-6)
+
+
+def test_uniform_usage_is_silent():
+    f = check(RULE, checkpoint(measured(state(torch.randn(1000, 8), counts=uniform_over(1000)))))
+    assert f == []
+
+
+def test_near_warn_perplexity_fraction():
+    cb = torch.randn(1000, 8, generator=gen(1))
+    assert check(RULE, checkpoint(measured(state(cb, counts=uniform_over(51))))) == []
+    f = one(RULE, checkpoint(measured(state(cb, counts=uniform_over(49)))))
+    assert f.severity == "warning"
+    assert math.isclose(f.evidence["perplexity"], 49.0, rel_tol=1e-6)
+
+
+def test_small_codebook_is_not_flagged_for_being_small():
+    cb = torch.randn(4, 2, generator=gen(2))
+    assert check(RULE, checkpoint(measured(state(cb, counts=torch.full((4,), 5.0))))) == []
+
+
+def test_probe_collapse_beats_healthy_history():
+    q = qev({"perplexity": 800.0, "top1_share": 0.002, "probe_perplexity": 1.7,
+             "probe_top1_share": 0.83, "probe_tokens": 4096.0}, K=1024)
+    f = one(RULE, checkpoint(q))
+    assert (f.severity, f.evidence["source"], f.confidence) == ("error", "probe_perplexity", 0.8)
+    assert "probe" in f.fix
+
+
+def test_run_per_batch_perplexity_is_judged_against_the_batch_size():
+    # 15 effective codes of a 256-vector batch is 5.9% of min(K, n): healthy for that batch size,
+    # though it is 1.5% of K = 1024
+    q = qev(series=frame(perplexity=[15.0] * 10, tokens=[256] * 10), K=1024)
+    assert check(RULE, run(q)) == []
+    q = qev(series=frame(perplexity=[12.0] * 10, tokens=[256] * 10), K=1024)
+    assert one(RULE, run(q)).severity == "warning"
+
+
+def test_run_collapse_onset():
+    steps = range(0, 300, 10)
+    perp = [200.0] * 10 + [1.5] * 20
+    f = one(RULE, run(qev(series=frame(steps, perplexity=perp, tokens=[256] * 30), K=1024)))
+    assert (f.step, f.severity, f.evidence["perplexity"]) == (100, "error", 1.5)

@@ -1,0 +1,261 @@
+"""Checkpoint metrics of one quantizer in normal form, on hand-built and real-library states."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vqdoctor.metrics import functional as F
+from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
+from vqdoctor.metrics.names import CODEBOOK
+from vqdoctor.quantizers.base import QuantizerState
+
+
+def state(codebook=None, counts=None, embed_avg=None, kind="vq-ema", **kw) -> QuantizerState:
+    cb = None if codebook is None else F.as_hkd(codebook)
+    k = cb.shape[1] if cb is not None else F.as_hk(counts).shape[-1]
+    d = cb.shape[2] if cb is not None else 1
+    return QuantizerState("quantizer", kind, "generic", k, d, codebook=cb,
+                          cluster_size=None if counts is None else F.as_hk(counts),
+                          embed_avg=None if embed_avg is None else F.as_hkd(embed_avg), **kw)
+
+
+def ema_state(k=32, d=4, seed=0, **kw) -> QuantizerState:
+    """An EMA state that satisfies the invariant exactly (e = m / N~)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.rand(k, generator=g) * 10 + 1
+    e = torch.randn(k, d, generator=g)
+    m = e.double() * F.laplace_smooth(counts).unsqueeze(-1)
+    return state(e, counts, m.float(), **kw)
+
+
+def check_names(m: dict[str, float]) -> None:
+    assert set(m) <= set(CODEBOOK), set(m) - set(CODEBOOK)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in m.values()), m
+
+
+def test_counts_two_of_four_used():
+    m = codebook_metrics(state(torch.randn(4, 3), torch.tensor([2.0, 2.0, 0.0, 0.0]), kind="vq"))
+    check_names(m)
+    assert m["perplexity"] == pytest.approx(2.0)
+    assert m["entropy_norm"] == pytest.approx(0.5)
+    assert m["dead_fraction"] == 0.5 and m["usage_fraction"] == 0.5
+    assert m["dead_fraction_abs"] == 0.5
+    assert m["perplexity_fraction"] == pytest.approx(0.5)
+    assert m["top1_share"] == pytest.approx(0.5)
+    assert m["count_total"] == 4.0 and m["count_expected"] == 1.0
+
+
+def test_uniform_counts_and_head_averaging():
+    m = codebook_metrics(state(torch.randn(64, 3), torch.full((64,), 5.0)))
+    assert m["perplexity"] == pytest.approx(64) and m["entropy_norm"] == pytest.approx(1.0)
+    heads = torch.tensor([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    m = codebook_metrics(state(torch.randn(2, 4, 3), heads))
+    assert m["perplexity"] == pytest.approx(3.0)  # mean of 2 and 4
+    assert m["dead_fraction"] == pytest.approx(0.25)
+
+
+def test_story_tiny_nonzero_counts_are_dead():
+    # 300 codes with tiny non-zero counts next to a handful holding everything (the SPEC story).
+    counts = torch.cat([torch.full((4,), 250.0), torch.full((300,), 1e-2), torch.zeros(208)])
+    m = codebook_metrics(state(torch.randn(512, 8), counts))
+    assert m["dead_fraction"] == pytest.approx(508 / 512)
+    assert m["dead_fraction_abs"] == pytest.approx(208 / 512)  # the absolute floor misses them
+    pb, ps = 250 / 1003, 0.01 / 1003
+    assert m["perplexity"] == pytest.approx(math.exp(-4 * pb * math.log(pb) - 300 * ps * math.log(ps)))
+
+
+def test_blowup_and_zero_rows():
+    cb = torch.randn(100, 8)
+    cb[7] *= 1e5
+    cb[8:11] = 0.0
+    m = codebook_metrics(state(cb, kind="vq"))
+    check_names(m)
+    assert m["blowup_rows"] == 1.0
+    assert m["blowup_ratio"] > 1e4
+    assert m["zero_rows"] == 3.0 and m["zero_row_fraction"] == pytest.approx(0.03)
+    # Zero rows do not drag the reference scale down (exact-zero rows are excluded).
+    assert m["code_norm_median"] == pytest.approx(float(F.row_norms(cb)[F.row_norms(cb) > 0].median()))
+    assert m["code_norm_min"] == 0.0
+
+
+def test_nan_rows_are_counted_and_the_finite_part_is_measured():
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(50, 6, generator=g)
+    counts = torch.rand(50, generator=g) + 0.5
+    clean = codebook_metrics(state(cb[2:].clone(), counts[2:].clone(), kind="vq"))
+    bad_cb, bad_counts = cb.clone(), counts.clone()
+    bad_cb[0, 3] = float("nan")
+    bad_cb[1] = float("inf")
+    bad_counts[0] = float("nan")
+    m = codebook_metrics(state(bad_cb, bad_counts, kind="vq"))
+    check_names(m)
+    assert m["nonfinite_codebook"] == 7.0 and m["nonfinite_rows"] == 2.0
+    assert m["nonfinite_cluster_size"] == 1.0 and m["nonfinite_total"] == 8.0
+    for name in ("code_norm_median", "code_norm_max", "intercode_dist_median", "effective_rank"):
+        assert m[name] == pytest.approx(clean[name], rel=1e-6), name
+    assert 0.0 < m["entropy_norm"] <= 1.0 and m["perplexity"] > 40
+
+
+def test_all_nan_codebook_does_not_crash():
+    m = codebook_metrics(state(torch.full((8, 4), float("nan")), torch.full((8,), float("nan"))))
+    check_names(m)
+    assert m["nonfinite_rows"] == 8.0 and m["nonfinite_total"] == 32.0 + 8.0
+    assert "perplexity" not in m and "code_norm_median" not in m
+
+
+def test_all_zero_codebook_awaiting_kmeans():
+    m = codebook_metrics(state(torch.zeros(1, 16, 4), torch.zeros(1, 16), torch.zeros(1, 16, 4), initted=False))
+    check_names(m)
+    assert m["initted"] == 0.0
+    assert m["zero_rows"] == 16.0 and m["code_norm_median"] == 0.0
+    assert m["effective_rank"] == 0.0 and m["dead_fraction"] == 1.0
+    assert "blowup_ratio" not in m and "perplexity" not in m  # nothing counted yet
+
+
+@pytest.mark.parametrize("k,d", [(1, 1), (1, 8), (5, 1)])
+def test_degenerate_shapes(k, d):
+    m = codebook_metrics(state(torch.randn(k, d), torch.ones(k)))
+    check_names(m)
+    assert m["perplexity"] == pytest.approx(k)
+    assert m["entropy_norm"] == pytest.approx(1.0)
+
+
+def test_implicit_codebooks_give_only_what_applies():
+    fsq = QuantizerState("fsq", "fsq", "vector-quantize-pytorch", 1000, 3, levels=(10, 10, 10))
+    assert codebook_metrics(fsq) == {"codebook_size": 1000.0, "fsq_levels_min": 10.0}
+    lfq = QuantizerState("lfq", "lfq", "vector-quantize-pytorch", 2 ** 10, 10)
+    assert codebook_metrics(lfq) == {"codebook_size": 1024.0}
+
+
+def test_duplicates_and_effective_rank():
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(32, 8, generator=g)
+    cb[1:4] = cb[0]  # four copies of one vector
+    m = codebook_metrics(state(cb, kind="vq"))
+    assert m["duplicate_fraction"] == pytest.approx(4 / 32)
+    low = torch.randn(256, 2, generator=g) @ torch.linalg.qr(torch.randn(16, 2, generator=g))[0].T
+    m = codebook_metrics(state(low, kind="vq"))
+    assert m["effective_rank"] == pytest.approx(2.0, abs=0.1)
+    assert m["effective_rank_fraction"] == pytest.approx(m["effective_rank"] / 16)
+
+
+def test_cosine_duplicates_are_directions():
+    cb = torch.randn(16, 4)
+    cb[1] = 3.0 * cb[0]  # same direction, different norm: one code for a cosine lookup
+    assert codebook_metrics(state(cb, kind="vq", metric="cosine"))["duplicate_fraction"] == pytest.approx(2 / 16)
+    assert codebook_metrics(state(cb, kind="vq"))["duplicate_fraction"] == 0.0
+
+
+def test_ema_invariant_holds_and_an_edited_row_breaks_it():
+    st = ema_state()
+    m = codebook_metrics(st)
+    check_names(m)
+    assert m["ema_residual_max"] < 1e-5
+    st.codebook[0, 3] *= 2.0
+    m = codebook_metrics(st)
+    assert m["ema_residual_max"] == pytest.approx(0.5, rel=1e-4)
+    assert m["ema_residual_median"] < 1e-5
+    st.kind = "vq"  # a gradient-trained codebook has no invariant to check
+    assert "ema_residual_max" not in codebook_metrics(st)
+
+
+def test_ema_invariant_on_a_trained_lucidrains_codebook():
+    vq_mod = pytest.importorskip("vector_quantize_pytorch")
+    vq = vq_mod.VectorQuantize(dim=8, codebook_size=32, decay=0.9)
+    vq.train()
+    for _ in range(5):
+        vq(torch.randn(2, 64, 8))
+    cb = vq._codebook
+    st = QuantizerState("vq", "vq-ema", "vector-quantize-pytorch", 32, 8, codebook=cb.embed.clone(),
+                        cluster_size=cb.cluster_size.clone(), embed_avg=cb.embed_avg.clone(), eps=1e-5)
+    m = codebook_metrics(st)
+    assert m["ema_residual_max"] < 1e-5
+    # ones-initialised counts (sum 32) relax toward 128 tokens per step: 32 g^5 + 128 (1 - g^5)
+    assert m["count_total"] == pytest.approx(32 * 0.9 ** 5 + 128 * (1 - 0.9 ** 5), rel=1e-4)
+    st.codebook[0, 5] += 10.0  # a row edited by hand
+    assert codebook_metrics(st)["ema_residual_max"] > 1.0
+
+
+def test_ema_low_precision_and_initted():
+    st = ema_state(dtypes={"cluster_size": "torch.bfloat16", "embed_avg": "float32"}, initted=True)
+    m = codebook_metrics(st)
+    assert m["ema_lowp"] == 1.0 and m["initted"] == 1.0
+    assert codebook_metrics(ema_state())["ema_lowp"] == 0.0
+
+
+def test_replaced_fraction():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.rand(100, generator=g) * 5 + 3
+    counts[:10] = 2.0  # lucidrains reset to exactly threshold_ema_dead_code
+    assert codebook_metrics(state(torch.randn(100, 4), counts))["replaced_fraction"] == pytest.approx(0.10)
+    # Never-used codes of a ones-initialised EMA share decay**t < 1: not replacements.
+    never = counts.clone()
+    never[:50] = torch.tensor(1.0).lerp(torch.tensor(0.0), 0.2).lerp(torch.tensor(0.0), 0.2)
+    never[:10] = never[10]
+    assert codebook_metrics(state(torch.randn(100, 4), never))["replaced_fraction"] == 0.0
+    # The untouched initial state (all ones) is not a replacement either.
+    assert codebook_metrics(state(torch.randn(100, 4), torch.ones(100)))["replaced_fraction"] == 0.0
+    # A known reset value below 1 is used as given.
+    small = counts.clone()
+    small[:7] = 0.1
+    st = state(torch.randn(100, 4), small, extra={"threshold_ema_dead_code": 0.1})
+    m = codebook_metrics(st)
+    assert m["replaced_fraction"] == pytest.approx(0.07)
+    assert m["replace_threshold_to_expected"] == pytest.approx(0.1 / m["count_expected"])
+
+
+def test_optimizer_rows_without_gradient():
+    v = torch.rand(8, 4)
+    v[[1, 4, 6]] = 0.0
+    st = state(torch.randn(8, 4), kind="vq", optimizer={"exp_avg_sq": v})
+    assert codebook_metrics(st)["optim_rows_no_grad_fraction"] == pytest.approx(3 / 8)
+    st.optimizer = {"exp_avg_sq": v.T.contiguous()}  # [D, K] layout
+    assert codebook_metrics(st)["optim_rows_no_grad_fraction"] == pytest.approx(3 / 8)
+
+
+def test_usage_histogram():
+    collapsed = torch.zeros(16)
+    collapsed[3], collapsed[9] = 990.0, 10.0
+    h = usage_histogram(state(torch.randn(16, 2), collapsed), bins=16)
+    assert h[:2] == pytest.approx([0.99, 0.01]) and h[2:] == [0.0] * 14
+    flat = usage_histogram(state(torch.randn(64, 2), torch.ones(64)), bins=16)
+    assert flat == pytest.approx([1 / 16] * 16)
+    assert usage_histogram(state(torch.randn(4, 2), torch.ones(4)), bins=16) == pytest.approx([0.25] * 4)
+    assert usage_histogram(state(torch.randn(4, 2), kind="vq")) == []
+    assert usage_histogram(state(torch.randn(4, 2), torch.zeros(4))) == []
+
+
+def test_large_codebook_smoke():
+    # 65536 x 256 must run in seconds with bounded memory (timing itself belongs in benchmarks/).
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(1, 65536, 256, generator=g)
+    counts = torch.rand(1, 65536, generator=g) * 4
+    m = codebook_metrics(state(cb, counts, (cb.double() * F.laplace_smooth(counts).unsqueeze(-1)).float()))
+    check_names(m)
+    assert m["effective_rank_fraction"] > 0.95 and m["duplicate_fraction"] == 0.0
+    assert m["ema_residual_max"] < 1e-5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_property_nonfinite_anywhere_never_leaks(seed):
+    # Random NaN/Inf anywhere in codebook, counts and sums: every returned value is finite,
+    # the counts are exact, and the norm statistics equal those of the finite rows alone.
+    g = torch.Generator().manual_seed(seed)
+    st = ema_state(k=40, d=5, seed=seed)
+    cb, n, m = st.codebook.clone(), st.cluster_size.clone(), st.embed_avg.clone()
+    for t in (cb, n, m):
+        flat = t.view(-1)
+        hit = torch.randperm(flat.numel(), generator=g)[: int(torch.randint(1, 6, (1,), generator=g))]
+        flat[hit] = torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.arange(hit.numel()) % 3]
+    got = codebook_metrics(QuantizerState("q", "vq-ema", "generic", 40, 5, codebook=cb, cluster_size=n, embed_avg=m))
+    check_names(got)
+    assert got["nonfinite_codebook"] == float((~torch.isfinite(cb)).sum())
+    assert got["nonfinite_rows"] == float((~torch.isfinite(cb).all(-1)).sum())
+    assert got["nonfinite_total"] == float((~torch.isfinite(cb)).sum() + (~torch.isfinite(n)).sum()
+                                           + (~torch.isfinite(m)).sum())
+    finite_rows = cb[0][torch.isfinite(cb[0]).all(-1)]
+    assert got["code_norm_median"] == pytest.approx(float(F.row_norms(finite_rows).median()))
+    assert 0.0 <= got["dead_fraction"] <= 1.0 and got["perplexity"] >= 1.0

@@ -1,0 +1,179 @@
+"""Pure metric functions against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vqdoctor.metrics import functional as F
+
+
+def test_usage_entropy_perplexity_by_hand():
+    counts = torch.tensor([2.0, 2.0, 0.0, 0.0])
+    assert F.usage_distribution(counts).tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert float(F.entropy(F.usage_distribution(counts))) == pytest.approx(math.log(2))
+    assert float(F.perplexity(counts)) == pytest.approx(2.0)
+    assert float(F.normalised_entropy(counts)) == pytest.approx(0.5)  # ln 2 / ln 4
+    assert F.dead_mask(counts).tolist() == [False, False, True, True]
+
+
+def test_uniform_usage_has_perplexity_k():
+    for k in (1, 7, 1024):
+        counts = torch.full((k,), 3.0)
+        assert float(F.perplexity(counts)) == pytest.approx(k)
+        assert float(F.normalised_entropy(counts)) == pytest.approx(1.0)
+
+
+def test_entropy_of_zeros_and_nonfinite_counts_is_defined():
+    assert float(F.entropy(torch.tensor([1.0, 0.0, 0.0]))) == 0.0
+    assert F.usage_distribution(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]
+    assert float(F.perplexity(torch.zeros(3))) == 1.0
+    # NaN/Inf counts carry no mass: [1, 1, nan, inf] is two equally used codes.
+    assert float(F.perplexity(torch.tensor([1.0, 1.0, float("nan"), float("inf")]))) == pytest.approx(2.0)
+
+
+def test_per_head_reductions_keep_leading_dims():
+    counts = torch.tensor([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert F.perplexity(counts).tolist() == pytest.approx([2.0, 4.0])
+
+
+def test_dead_mask_is_relative_to_the_expected_count():
+    # n = 2005.5, n/K = 501.375, 1% of it = 5.01: 5 and 0.5 are dead though far above 1e-3.
+    counts = torch.tensor([1000.0, 1000.0, 5.0, 0.5])
+    assert F.dead_mask(counts, rel=0.01).tolist() == [False, False, True, True]
+    # ... and the verdict does not change with the token scale.
+    assert F.dead_mask(counts * 1e-4, rel=0.01).tolist() == [False, False, True, True]
+    assert F.dead_mask(torch.zeros(4)).tolist() == [True] * 4
+    assert F.dead_mask(torch.tensor([4.0, float("nan"), 4.0, 0.0])).tolist() == [False, False, False, True]
+
+
+def test_laplace_smoothing_worked_example():
+    # N = [3, 1, 0], eps = 0.5: n = 4, n + K eps = 5.5, N~ = (N + 0.5) / 5.5 * 4.
+    got = F.laplace_smooth(torch.tensor([3.0, 1.0, 0.0]), eps=0.5)
+    assert got.tolist() == pytest.approx([3.5 / 5.5 * 4, 1.5 / 5.5 * 4, 0.5 / 5.5 * 4])
+    assert float(got.sum()) == pytest.approx(4.0)
+
+
+def _ema_run(steps: int, decay: float, eps: float, debias: bool, k: int = 6, d: int = 3):
+    """EMA codebook built step by step with the research note's §2.1 equations (Sonnet / zalando style)."""
+    g = torch.Generator().manual_seed(1)
+    n_hidden, m_hidden = torch.zeros(k, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64)
+    for _ in range(steps):
+        z = torch.randn(40, d, generator=g, dtype=torch.float64)
+        assign = torch.randint(0, k - 2, (40,), generator=g)  # the last two codes are never used
+        onehot = torch.nn.functional.one_hot(assign, k).to(torch.float64)
+        n_hidden = decay * n_hidden + (1 - decay) * onehot.sum(0)
+        m_hidden = decay * m_hidden + (1 - decay) * onehot.T @ z
+    bias = (1 - decay ** steps) if debias else 1.0
+    n, m = n_hidden / bias, m_hidden / bias
+    return n, m
+
+
+def test_ema_residual_sonnet_style_is_zero_and_an_edited_row_is_not():
+    eps = 1e-5
+    n, m = _ema_run(steps=20, decay=0.9, eps=eps, debias=True)
+    e = m / F.laplace_smooth(n, eps).unsqueeze(-1)
+    r = F.ema_residual(e.float(), m.float(), n.float(), eps=eps)
+    assert float(r.max()) < 1e-5
+    edited = e.clone()
+    edited[1] *= 1.5
+    r = F.ema_residual(edited, m, n, eps=eps)
+    assert float(r[1]) == pytest.approx(0.5 / 1.5, rel=1e-6)  # |e - t| / |e| with e = 1.5 t
+    assert float(r[0]) < 1e-12
+
+
+def test_ema_residual_zalando_stores_smoothed_counts():
+    eps = 1e-5
+    n, m = _ema_run(steps=10, decay=0.99, eps=eps, debias=False)
+    n_smooth = F.laplace_smooth(n, eps)
+    e = m / n_smooth.unsqueeze(-1)
+    assert float(F.ema_residual(e, m, n_smooth, eps=eps, smoothed=True).max()) < 1e-12
+
+
+def test_ema_residual_cosine_compares_with_normalised_ratio():
+    n, m = _ema_run(steps=5, decay=0.8, eps=1e-5, debias=False)
+    e = F.l2normalize(m / F.laplace_smooth(n).unsqueeze(-1))
+    assert float(F.ema_residual(e, m, n, cosine=True).max()) < 1e-12
+    assert float(F.ema_residual(e, m, n, cosine=False).max()) > 0.1
+
+
+def test_ema_residual_zero_rows():
+    e = torch.zeros(2, 3)
+    m = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    r = F.ema_residual(e, m, torch.tensor([1.0, 1.0]))
+    assert float(r[0]) == 0.0 and math.isinf(float(r[1]))
+
+
+def test_row_norms():
+    assert F.row_norms(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist() == [5.0, 0.0]
+
+
+def test_effective_rank_of_rank_two_codebook():
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(16, 2, generator=g))
+    cb = torch.randn(4096, 2, generator=g) @ basis.T + 3.0  # offset: centring must remove it
+    assert F.effective_rank(cb) == pytest.approx(2.0, abs=0.05)
+    assert F.effective_rank(torch.randn(8192, 16, generator=g)) > 15.0
+    assert F.effective_rank(torch.zeros(10, 4)) == 0.0
+
+
+def test_median_pairwise_distance_by_hand():
+    # points 0, 1, 3 on a line: distances 1, 3, 2 -> median 2
+    assert F.median_pairwise_distance(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)
+    assert math.isnan(F.median_pairwise_distance(torch.zeros(1, 3)))
+
+
+def test_near_duplicates():
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(64, 8, generator=g) + 100.0  # far from the origin: cdist precision matters
+    cb[5] = cb[3] + 1e-4
+    cb[9] = cb[7]
+    dup = F.near_duplicates(cb, rel=1e-2)
+    assert sorted(torch.nonzero(dup).flatten().tolist()) == [3, 5, 7, 9]
+    assert not F.near_duplicates(torch.zeros(1, 4)).any()
+    assert F.near_duplicates(torch.zeros(5, 4)).all()  # identical rows, median distance 0
+
+
+def test_sampling_is_deterministic_and_bounded():
+    cb = torch.randn(5000, 4)
+    a = F.median_pairwise_distance(cb, max_codes=300)
+    assert a == F.median_pairwise_distance(cb, max_codes=300)
+    assert F.near_duplicates(cb, max_codes=300).shape == (300,)
+    assert F.sample_rows(10, 20) is None
+
+
+def test_nearest_codes_euclidean_vs_cosine():
+    cb = torch.tensor([[1.0, 0.0], [10.0, 10.0]])
+    z = torch.tensor([[2.0, 1.5]])
+    idx, dist = F.nearest_codes(z, cb, "euclidean")
+    assert idx.tolist() == [0] and float(dist[0]) == pytest.approx(math.hypot(1.0, 1.5))
+    idx, dist = F.nearest_codes(z, cb, "cosine")  # direction (0.8, 0.6) is closer to (1, 1) / sqrt 2
+    assert idx.tolist() == [1]
+    s = 1 / math.sqrt(2)
+    assert float(dist[0]) == pytest.approx(math.hypot(0.8 - s, 0.6 - s), rel=1e-6)
+
+
+def test_nearest_codes_chunked_matches_brute_force_and_skips_nan_codes():
+    z, cb = torch.randn(1000, 8), torch.randn(50, 8)
+    want = torch.cdist(z, cb).argmin(1)
+    for chunk in (None, 7, 1000):
+        assert torch.equal(F.nearest_codes(z, cb, chunk=chunk)[0], want)
+    cb[want[0]] = float("nan")
+    idx, dist = F.nearest_codes(z[:1], cb)
+    assert int(idx[0]) != int(want[0]) and math.isfinite(float(dist[0]))
+
+
+def test_fsq_level_indices_by_hand():
+    # L = 5 (odd): bound tanh(z) * 2.002, round, + 2. z = 0 -> 2; z = 10 -> 4; z = -10 -> 0.
+    lv = F.fsq_level_indices(torch.tensor([[0.0], [10.0], [-10.0]]), [5])
+    assert lv.flatten().tolist() == [2, 4, 0]
+    # index = l0 + 8 * l1 for levels (8, 5)
+    assert F.fsq_indices(torch.tensor([[3, 2]]), [8, 5]).tolist() == [3 + 8 * 2]
+
+
+def test_lfq_indices_msb_first():
+    bits, idx = F.lfq_indices(torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, -1.0]]))
+    assert bits.tolist() == [[True, False, True], [False, False, False]]
+    assert idx.tolist() == [0b101, 0]

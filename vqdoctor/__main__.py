@@ -1,0 +1,6 @@
+"""`python -m vqdoctor`."""
+
+from vqdoctor.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Checkpoint metrics: the CODEBOOK names of `metrics.names`, measured on one `QuantizerState`.
+
+Everything here reads the normal form only (no files, no data). Per-head values are aggregated
+so that one quantizer gives one number per name: fractions, entropies and perplexities are
+averaged over heads; norm statistics pool the rows of every head. Non-finite values are counted
+(`nonfinite_*`) and left out of every other statistic, so a half-NaN codebook still reports
+the health of its finite half.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vqdoctor.metrics import functional as F
+from vqdoctor.quantizers.base import QuantizerState
+
+# A code is dead below 1% of its uniform share n/K (names.py `dead_fraction`): the EMA count of
+# a code unused for ln(0.01)/ln(γ) steps (459 at γ = 0.99, 21 at γ = 0.8), far below the
+# replacement thresholds libraries use (lucidrains/encodec: 2 at n/K ≈ 4..32, i.e. 6..50%), so
+# codes counted dead really stopped being selected.
+DEAD_REL = 0.01
+# Absolute floor reported separately (`dead_fraction_abs`): research note §6.3 / ESM3 practice.
+DEAD_ABS = 1e-3
+# Blow-up: zero-initialised EMA counts inflate unused rows by γ/ε ≈ 1e5 after one step (§2.3);
+# healthy codebooks rarely span more than 10x in norm, so 100x the median separates the two.
+BLOWUP_FACTOR = 100.0
+# A row below 1e-3 x median norm has drifted to the origin (lucidrains dead-code decay, §2.3).
+ZERO_REL = 1e-3
+# Near-duplicate: nearest other code closer than 1% of the median inter-code distance. Copies of
+# one vector (replacement from one sample, collapsed dead rows) sit at ~0; random codes come that
+# close only in very low dimension (nearest-neighbour spacing ~ K^(-1/D): D = 1 with K > ~100,
+# D = 2 with K > ~1e4), where the fraction over-counts.
+DUPLICATE_REL = 1e-2
+# Pairwise statistics on at most this many codes (a 4096^2 float32 distance matrix, chunked).
+PAIRWISE_MAX_CODES = 4096
+# lucidrains resets replaced codes' counts to exactly `reset_cluster_size`; a shared exact value
+# counts as a reset value when at least this share of codes holds it.
+REPLACED_MIN_SHARE = 0.05
+# Effective rank from at most this many rows: a row sample's spectrum estimates the table's when
+# K >> D, and a 16384 x D float64 Gram keeps a 65536 x 256 codebook well under a second.
+RANK_MAX_CODES = 16384
+LOWP_DTYPES = {"float16", "bfloat16", "half"}
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _reset_share(c: torch.Tensor, reset_value: float | None) -> float:
+    """Share of codes (finite counts `c` of one head) holding the replacement reset value."""
+    k = c.numel()
+    if k == 0:
+        return 0.0
+    if reset_value is not None:
+        # Compare in float32: the stored buffer is float32 and config floats like 0.1 are not.
+        hits = int((c.to(torch.float32) == torch.tensor(reset_value, dtype=torch.float32)).sum())
+    else:
+        nz = c[c != 0]
+        if nz.numel() == 0:
+            return 0.0
+        values, n = torch.unique(nz, return_counts=True)
+        i = int(n.argmax())
+        # Never-used codes of a ones-initialised EMA all hold exactly γ^t < 1, so only values >= 1
+        # are read as reset values when the library's reset value is not known.
+        if float(values[i]) < 1.0 or int(n[i]) < max(2, math.ceil(REPLACED_MIN_SHARE * k)):
+            return 0.0
+        hits = int(n[i])
+    # Every code equal is the initial state (lucidrains initialises counts to ones), not a reset.
+    return 0.0 if hits == k else hits / k
+
+
+def count_metrics(counts: torch.Tensor, reset_value: float | None = None) -> dict[str, float]:
+    """Usage metrics from EMA counts (`cluster_size`), averaged over heads.
+
+    Produces count_total, count_expected, dead_fraction, dead_fraction_abs, usage_fraction,
+    replaced_fraction and, when any count is positive, entropy_norm, perplexity,
+    perplexity_fraction, top1_share.
+
+    Args:
+        counts: `[K]` or `[H, K]` counts (non-finite entries are ignored).
+        reset_value: the library's replacement reset count when known (lucidrains
+            `reset_cluster_size`, default `threshold_ema_dead_code`); else inferred.
+
+    Returns:
+        metric name -> value.
+    """
+    c = F.as_hk(counts.detach()).to(torch.float64)
+    K = int(c.shape[-1])
+    acc: dict[str, list[float]] = {}
+
+    def add(name: str, v: float) -> None:
+        acc.setdefault(name, []).append(float(v))
+
+    for h in range(c.shape[0]):
+        row = c[h]
+        fin = row[torch.isfinite(row)]
+        if fin.numel() == 0:
+            continue
+        total = float(fin.clamp_min(0).sum())
+        add("count_total", total)
+        add("count_expected", total / K)
+        dead = float(F.dead_mask(fin, DEAD_REL).double().mean())
+        add("dead_fraction", dead)
+        add("dead_fraction_abs", float((fin < DEAD_ABS).double().mean()))
+        add("usage_fraction", 1.0 - dead)
+        add("replaced_fraction", _reset_share(fin, reset_value))
+        if total > 0:
+            p = F.usage_distribution(row)
+            h_nats = float(F.entropy(p))
+            add("entropy_norm", h_nats / math.log(K) if K > 1 else 1.0)
+            add("perplexity", math.exp(h_nats))
+            add("perplexity_fraction", math.exp(h_nats) / K)
+            add("top1_share", float(p.max()))
+    return {k: m for k, v in acc.items() if (m := _mean(v)) is not None}
+
+
+def _geometry(cb: torch.Tensor, cosine: bool, live: torch.Tensor | None = None) -> dict[str, float]:
+    """Norm, spacing, redundancy and rank metrics of an `[H, K, D]` codebook.
+
+    Args:
+        cb: the codebook.
+        cosine: compare l2-normalised rows (spacing, duplicates, rank).
+        live: `[H, K]` mask of codes in use (from EMA counts), when known: the reference norm is
+            then the median over live codes, so that a majority of dead rows (decayed to ~0, or
+            blown up by zero-initialised counts) cannot shift the scale everything is judged by.
+    """
+    out: dict[str, float] = {}
+    H, K, D = cb.shape
+    all_norms = F.row_norms(cb)  # float64: a row is finite iff its norm is (no float32 overflow)
+    row_ok = torch.isfinite(all_norms)
+    bad_rows = int((~row_ok).sum())
+    out["nonfinite_rows"] = float(bad_rows)
+    out["nonfinite_codebook"] = float((~torch.isfinite(cb[~row_ok])).sum()) if bad_rows else 0.0
+    norms = all_norms[row_ok]
+    if norms.numel():
+        nz = norms[norms > 0]
+        live_norms = all_norms[row_ok & live] if live is not None and live.shape == row_ok.shape else None
+        live_norms = live_norms[live_norms > 0] if live_norms is not None else None
+        # Reference scale from live rows when counts say which those are, else from non-zero rows:
+        # with lucidrains dead-code decay most rows can sit at ~0, and with zero-initialised EMA
+        # counts most can be blown up ~1e5x; either way the median of all rows is not the scale
+        # the encoder outputs are actually matched against.
+        if live_norms is not None and live_norms.numel():
+            ref = float(live_norms.median())
+        else:
+            ref = float(nz.median()) if nz.numel() else 0.0
+        out["code_norm_median"] = ref
+        out["code_norm_min"] = float(norms.min())
+        out["code_norm_max"] = float(norms.max())
+        if ref > 0:
+            out["blowup_rows"] = float((norms > BLOWUP_FACTOR * ref).sum())
+            out["blowup_ratio"] = float(norms.max()) / ref
+            zero = int((norms < ZERO_REL * ref).sum())
+        else:
+            out["blowup_rows"] = 0.0
+            zero = int(norms.numel())
+        out["zero_rows"] = float(zero)
+        out["zero_row_fraction"] = zero / (H * K)
+
+    dups, meds, ranks, rank_fracs = [], [], [], []
+    for h in range(H):
+        x = cb[h] if not bad_rows else cb[h][row_ok[h]]
+        if x.shape[0] < 2:
+            continue
+        if cosine:
+            x = F.l2normalize(x.to(torch.float32))
+        med, dup = F.pairwise_summary(x, DUPLICATE_REL, PAIRWISE_MAX_CODES)
+        meds.append(med)
+        dups.append(float(dup.double().mean()))
+        er = F.effective_rank(x, RANK_MAX_CODES)
+        ranks.append(er)
+        rank_fracs.append(er / min(x.shape[0], D))
+    for name, vals in (("duplicate_fraction", dups), ("intercode_dist_median", meds),
+                       ("effective_rank", ranks), ("effective_rank_fraction", rank_fracs)):
+        if (m := _mean(vals)) is not None:
+            out[name] = m
+    return out
+
+
+def _ema_invariant(q: QuantizerState, dead: torch.Tensor | None) -> dict[str, float]:
+    """Residual of embed ~ embed_avg / smoothed(cluster_size) over rows with finite inputs."""
+    e = q.extra.get("raw_codebook", q.codebook)  # affine lucidrains: EMA tracks the raw table
+    if not isinstance(e, torch.Tensor) or q.embed_avg is None or q.cluster_size is None:
+        return {}
+    e, m, n = F.as_hkd(e), F.as_hkd(q.embed_avg), F.as_hk(q.cluster_size)
+    if e.shape != m.shape or n.shape != e.shape[:2]:
+        return {}
+    n_ok = torch.isfinite(n)
+    # Non-finite counts would poison n = sum N for the whole head; smooth over the finite ones.
+    n_clean = torch.where(n_ok, n, torch.zeros_like(n))
+    r = F.ema_residual(e, m, n_clean, eps=q.eps if q.eps is not None else 1e-5,
+                       smoothed=q.counts_smoothed, cosine=q.metric == "cosine")
+    # A non-finite element in e or m makes r non-finite, so this also drops those rows.
+    ok = n_ok & torch.isfinite(r)
+    out: dict[str, float] = {}
+    if ok.any():
+        out["ema_residual_median"] = float(r[ok].median())
+        live = ok & ~dead if dead is not None else ok
+        if live.any():
+            out["ema_residual_max"] = float(r[live].max())
+    return out
+
+
+def _dtype_name(d: object) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _optimizer(q: QuantizerState) -> dict[str, float]:
+    """Fraction of codebook rows whose Adam second moment is exactly zero (never got a gradient)."""
+    v = (q.optimizer or {}).get("exp_avg_sq")
+    if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.numel() == 0:
+        return {}
+    D = q.dim
+    if v.shape[-1] != D and v.ndim >= 2 and v.shape[-2] == D:  # [D, K] layouts (rosinality, Sonnet)
+        v = v.transpose(-1, -2)
+    rows = v.reshape(-1, v.shape[-1])
+    return {"optim_rows_no_grad_fraction": float((rows == 0).all(-1).double().mean())}
+
+
+def _positive_extra(q: QuantizerState, keys: tuple[str, ...]) -> float | None:
+    """First positive number among `q.extra[key]` for `keys`."""
+    for key in keys:
+        v = q.extra.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return float(v)
+    return None
+
+
+def _reset_value(q: QuantizerState) -> float | None:
+    """The library's replacement reset count when the adapter or config says it (lucidrains:
+    `reset_cluster_size`, defaulting to `threshold_ema_dead_code`)."""
+    return _positive_extra(q, ("reset_value", "reset_cluster_size", "threshold_ema_dead_code"))
+
+
+def codebook_metrics(q: QuantizerState) -> dict[str, float]:
+    """The CODEBOOK metrics (`metrics.names.CODEBOOK`) that apply to one quantizer.
+
+    - always: codebook_size.
+    - codebook stored (all but FSQ/LFQ): nonfinite_codebook, nonfinite_rows, code_norm_*,
+      blowup_rows, blowup_ratio (when some row is non-zero), zero_rows, zero_row_fraction,
+      duplicate_fraction, intercode_dist_median, effective_rank, effective_rank_fraction
+      (cosine codebooks: spacing and rank of the l2-normalised rows, what the lookup compares).
+    - `cluster_size` stored: count_total, count_expected, dead_fraction, dead_fraction_abs,
+      usage_fraction, replaced_fraction, and entropy_norm, perplexity, perplexity_fraction,
+      top1_share when some count is positive; nonfinite_cluster_size.
+    - `embed_avg` stored: nonfinite_embed_avg; vq-ema with both EMA buffers: ema_residual_median,
+      ema_residual_max; either EMA buffer: ema_lowp.
+    - replace_threshold_to_expected when the replacement threshold is known (`extra`) and
+      counts are positive.
+    - nonfinite_total whenever a tensor was scanned; initted when the flag is stored;
+      optim_rows_no_grad_fraction with Adam moments; fsq_levels_min for FSQ.
+
+    Args:
+        q: the quantizer in normal form.
+
+    Returns:
+        metric name -> finite float.
+    """
+    out: dict[str, float] = {"codebook_size": float(q.codebook_size)}
+    if q.levels:
+        out["fsq_levels_min"] = float(min(q.levels))
+    nonfinite = 0.0
+    scanned = False
+    dead = None
+    if q.cluster_size is not None:
+        dead = F.dead_mask(F.as_hk(q.cluster_size.detach()), DEAD_REL)
+    if q.codebook is not None:
+        cb = F.as_hkd(q.codebook.detach())
+        live = ~dead if dead is not None and dead.shape == cb.shape[:2] else None
+        out.update(_geometry(cb, q.metric == "cosine", live))
+        nonfinite += out["nonfinite_codebook"]
+        scanned = True
+    if q.cluster_size is not None:
+        n = F.as_hk(q.cluster_size.detach())
+        out["nonfinite_cluster_size"] = float((~torch.isfinite(n)).sum())
+        nonfinite += out["nonfinite_cluster_size"]
+        scanned = True
+        out.update(count_metrics(n, _reset_value(q)))
+        threshold = _positive_extra(q, ("threshold_ema_dead_code", "reset_value"))
+        if threshold is not None and out.get("count_expected", 0.0) > 0:
+            out["replace_threshold_to_expected"] = threshold / out["count_expected"]
+    if q.embed_avg is not None:
+        out["nonfinite_embed_avg"] = float((~torch.isfinite(q.embed_avg)).sum())
+        nonfinite += out["nonfinite_embed_avg"]
+        scanned = True
+    if scanned:
+        out["nonfinite_total"] = nonfinite
+    if q.cluster_size is not None or q.embed_avg is not None:
+        stored = [_dtype_name(q.dtypes.get(r, "")) for r in ("cluster_size", "embed_avg")]
+        out["ema_lowp"] = 1.0 if any(d in LOWP_DTYPES for d in stored) else 0.0
+    if q.is_ema:
+        out.update(_ema_invariant(q, dead))
+    if q.initted is not None:
+        out["initted"] = 1.0 if q.initted else 0.0
+    out.update(_optimizer(q))
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def usage_histogram(q: QuantizerState, bins: int = 16) -> list[float]:
+    """Share of the total count held by each 1/bins of the codes, most used first.
+
+    Codes are sorted by count (descending) and split into min(bins, K) near-equal groups; each
+    value is the group's share of the total count, averaged over heads. A collapsed codebook
+    reads [0.99, 0.01, 0, ...], a uniform one is flat at 1/bins.
+
+    Args:
+        q: the quantizer in normal form.
+        bins: number of groups.
+
+    Returns:
+        the shares (summing to 1), or [] when no counts are stored or all are zero.
+    """
+    if q.cluster_size is None or bins < 1:
+        return []
+    c = F.as_hk(q.cluster_size.detach()).to(torch.float64)
+    c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    groups = min(bins, int(c.shape[-1]))
+    hists = []
+    for row in c:
+        total = row.sum()
+        if not bool(total > 0):
+            continue
+        ordered = row.sort(descending=True).values
+        hists.append(torch.stack([g.sum() for g in torch.tensor_split(ordered, groups)]) / total)
+    if not hists:
+        return []
+    return [float(x) for x in torch.stack(hists).mean(0)]

@@ -1,0 +1,436 @@
+"""Small pure functions on tensors: the arithmetic under every vqdoctor metric.
+
+Conventions: counts and codebooks may carry leading head dimensions (`[..., K]`, `[..., K, D]`);
+reductions run over the last axis (counts) or the last two (codebooks). Results that feed ratios,
+logs or medians are computed in float64, because EMA counts span 1e-30..1e5 and a float32 entropy
+of a 65536-code distribution loses digits that `entropy_norm` thresholds care about. No function
+here mutates its inputs or raises on non-finite values (they propagate or are documented).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Default seed of the deterministic code sample used for pairwise statistics on large codebooks,
+# so two calls (codebook metrics, probe metrics, two checkpoints) see the same codes.
+SAMPLE_SEED = 0
+# Elements per distance block: bounds the memory of chunked pairwise / nearest-code searches
+# (2**24 float32 = 64 MiB).
+BLOCK_ELEMENTS = 2 ** 24
+
+
+def as_hk(t: torch.Tensor) -> torch.Tensor:
+    """Counts as `[H, K]` (a `[K]` vector is one head)."""
+    return t.reshape(1, 1) if t.ndim == 0 else t.reshape(-1, t.shape[-1])
+
+
+def as_hkd(t: torch.Tensor) -> torch.Tensor:
+    """A codebook-shaped tensor as `[H, K, D]` (a `[K, D]` table is one head)."""
+    return t.reshape(1, *t.shape) if t.ndim == 2 else t.reshape(-1, *t.shape[-2:])
+
+
+def usage_distribution(counts: torch.Tensor) -> torch.Tensor:
+    """Usage distribution of codes from (EMA or hard) counts.
+
+    p_i = c_i / sum_j c_j with c = max(N, 0); non-finite counts are treated as 0. A row whose
+    counts are all zero gives all-zero p (no usage is known), not NaN.
+
+    Args:
+        counts: `[..., K]` counts.
+
+    Returns:
+        float64 `[..., K]` distribution.
+    """
+    c = torch.nan_to_num(counts.detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    total = c.sum(-1, keepdim=True)
+    return torch.where(total > 0, c / total.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(c))
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats along the last axis.
+
+    H(p) = -sum_i p_i log p_i, with 0 * log 0 = 0.
+
+    Args:
+        p: `[..., K]` probabilities (rows summing to 1, or all zero).
+
+    Returns:
+        float64 `[...]` entropies.
+    """
+    p = p.to(torch.float64)
+    return -torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny)), torch.zeros_like(p)).sum(-1)
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """Perplexity of the usage distribution: exp(H(p)) with p = usage_distribution(counts).
+
+    Ranges from 1 (one code) to K (uniform). All-zero counts give 1. It depends on how many
+    tokens the counts summarise (research note §5), so report it beside n and K.
+
+    Args:
+        counts: `[..., K]` counts.
+
+    Returns:
+        float64 `[...]` perplexities.
+    """
+    return torch.exp(entropy(usage_distribution(counts)))
+
+
+def normalised_entropy(counts: torch.Tensor, K: int | None = None) -> torch.Tensor:
+    """Normalised entropy H(p) / log K of the usage distribution.
+
+    1 for uniform usage over K codes, 0 for a single code. With K = 1 there is nothing to
+    spread over and the value is defined as 1.
+
+    Args:
+        counts: `[..., K]` counts.
+        K: number of codes (default: `counts.shape[-1]`; pass it when counts cover only the codes seen).
+
+    Returns:
+        float64 `[...]` values in [0, 1].
+    """
+    K = int(counts.shape[-1]) if K is None else int(K)
+    h = entropy(usage_distribution(counts))
+    if K <= 1:
+        return torch.ones_like(h)
+    return h / math.log(K)
+
+
+def dead_mask(counts: torch.Tensor, rel: float = 0.01, floor: float = 0.0) -> torch.Tensor:
+    """Codes whose count is negligible relative to a uniform share.
+
+    dead_i = N_i < rel * n / K  or  N_i <= floor, with n = sum_j N_j (finite, non-negative part).
+    Relative, not absolute, because EMA counts scale with tokens per step: 0.5 is healthy at
+    n/K = 1 and dead at n/K = 1000. Non-finite counts are not dead (they are counted separately
+    as `nonfinite_cluster_size`); all-zero counts make every code dead.
+
+    Args:
+        counts: `[..., K]` counts.
+        rel: fraction of the expected count n/K below which a code is dead.
+        floor: counts at or below this are dead whatever n is.
+
+    Returns:
+        bool `[..., K]`.
+    """
+    c = counts.detach().to(torch.float64)
+    finite = torch.isfinite(c)
+    c0 = torch.where(finite, c, torch.zeros_like(c)).clamp_min(0.0)
+    expected = c0.sum(-1, keepdim=True) / max(int(c.shape[-1]), 1)
+    return finite & ((c < rel * expected) | (c <= floor))
+
+
+def row_norms(codebook: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every code vector: |e_i| = sqrt(sum_d e_id^2).
+
+    Args:
+        codebook: `[..., K, D]`.
+
+    Returns:
+        float64 `[..., K]` (NaN/Inf rows give NaN/Inf).
+    """
+    return torch.linalg.vector_norm(codebook.detach(), dim=-1, dtype=torch.float64)
+
+
+def l2normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last axis; zero vectors stay zero (what cosine lookups compare)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def laplace_smooth(counts: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Laplace-smoothed EMA counts, as every EMA VQ divides by them.
+
+    Ñ_i = (N_i + ε) / (n + K ε) * n, with n = sum_j N_j. Keeps sum Ñ = n and Ñ_i > 0 for n > 0.
+
+    Args:
+        counts: `[..., K]` EMA counts N.
+        eps: ε (1e-5 in most libraries, 1e-7 in VideoGPT/torchmultimodal).
+
+    Returns:
+        float64 `[..., K]` smoothed counts.
+    """
+    c = counts.detach().to(torch.float64)
+    n = c.sum(-1, keepdim=True)
+    return (c + eps) / (n + c.shape[-1] * eps) * n
+
+
+def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Tensor,
+                 eps: float = 1e-5, smoothed: bool = False, cosine: bool = False) -> torch.Tensor:
+    """Per-row violation of the EMA invariant embed = embed_avg / smoothed(cluster_size).
+
+    r_i = |e_i - t_i| / |e_i| with t_i = m_i / Ñ_i (Ñ = laplace_smooth(N, ε), or N itself when
+    the stored counts are already smoothed, as in zalando), and t_i = l2norm(m_i / Ñ_i) for cosine
+    codebooks (lucidrains normalises after the division). r = 0 where e_i == t_i (also both zero),
+    +inf where e_i = 0 but t_i is not. A healthy EMA codebook gives r ≈ 0 (≤ 1e-5 with float32
+    storage); a large r means edited weights, a different ε, a replaced row or a codebook that
+    is not EMA-updated at all.
+
+    Args:
+        embed: `[..., K, D]` codebook.
+        embed_avg: `[..., K, D]` EMA sums m.
+        counts: `[..., K]` EMA counts N.
+        eps: Laplace ε.
+        smoothed: counts already hold Ñ.
+        cosine: the codebook is stored l2-normalised.
+
+    Returns:
+        float64 `[..., K]` relative residuals.
+    """
+    nt = counts.detach().to(torch.float64) if smoothed else laplace_smooth(counts, eps)
+    k, d = embed.shape[-2], embed.shape[-1]
+    out = torch.empty(nt.shape, dtype=torch.float64)
+    # float64 over row blocks: the table may be 65536 x 256 and a float64 copy of it is not needed.
+    step = max(1, BLOCK_ELEMENTS // 8 // max(d * int(nt[..., :1].numel()), 1))
+    for s in range(0, k, step):
+        e = embed[..., s:s + step, :].detach().to(torch.float64)
+        t = embed_avg[..., s:s + step, :].detach().to(torch.float64) / nt[..., s:s + step].unsqueeze(-1)
+        if cosine:
+            t = l2normalize(t)
+        num = torch.linalg.vector_norm(e - t, dim=-1)
+        r = num / torch.linalg.vector_norm(e, dim=-1)
+        out[..., s:s + step] = torch.where(num == 0, torch.zeros_like(r), r)
+    return out
+
+
+def sample_rows(n: int, max_rows: int | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Deterministic subset of row indices, sorted; None when all n rows are kept.
+
+    Args:
+        n: number of rows.
+        max_rows: keep at most this many (None: keep all).
+        generator: source of randomness (default: a generator seeded with SAMPLE_SEED).
+
+    Returns:
+        long `[max_rows]` indices, or None.
+    """
+    if max_rows is None or n <= max_rows:
+        return None
+    g = generator if generator is not None else torch.Generator().manual_seed(SAMPLE_SEED)
+    return torch.randperm(n, generator=g)[:max_rows].sort().values
+
+
+def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Median off-diagonal distance and each row's nearest-other distance.
+
+    Rows are centred on the coordinate-wise median first: distances do not change, and the
+    float32 `|a|^2 + |b|^2 - 2ab` expansion cdist uses keeps its error small relative to the
+    spread of the codes even when all codes sit far from the origin or a few rows blew up.
+    The k x k matrix is filled by row blocks (bounded cdist temporaries); with the diagonal set
+    to +inf, its k(k-1) finite entries hold every pair twice, so their lower median (a
+    selection, no sort) equals the median over pairs i < j.
+    """
+    k = x.shape[0]
+    x = x.to(torch.float32)
+    x = x - x.median(dim=0).values
+    d = torch.empty(k, k, dtype=torch.float32)
+    chunk = max(1, BLOCK_ELEMENTS // max(k, 1))
+    for s in range(0, k, chunk):
+        d[s:s + chunk] = torch.cdist(x[s:s + chunk], x)
+    d.fill_diagonal_(float("inf"))
+    nearest = d.min(dim=1).values.to(torch.float64)
+    pairs = k * (k - 1) // 2
+    # numpy's introselect is ~10x faster than torch.kthvalue on 16M floats (CPU).
+    med = float(np.partition(d.view(-1).numpy(), pairs - 1)[pairs - 1]) if pairs else float("nan")
+    return med, nearest
+
+
+def pairwise_summary(codebook: torch.Tensor, rel: float = 1e-2, max_codes: int | None = 4096,
+                     generator: torch.Generator | None = None) -> tuple[float, torch.Tensor]:
+    """Median inter-code distance and near-duplicate mask from one pairwise pass.
+
+    See `median_pairwise_distance` and `near_duplicates`; both are computed on the same
+    deterministic sample of at most `max_codes` codes.
+
+    Args:
+        codebook: `[K, D]` codes (finite rows only).
+        rel: duplicate threshold as a fraction of the median distance.
+        max_codes: sample size bound (the pairwise matrix is max_codes^2, built in chunks).
+        generator: randomness for the sample.
+
+    Returns:
+        (median distance, NaN for fewer than two codes; bool mask over the sampled codes).
+    """
+    x = codebook.detach()
+    idx = sample_rows(x.shape[0], max_codes, generator)
+    if idx is not None:
+        x = x[idx]
+    if x.shape[0] < 2:
+        return float("nan"), torch.zeros(x.shape[0], dtype=torch.bool)
+    med, nearest = _pairwise_stats(x)
+    return med, (nearest < rel * med) | (nearest == 0)
+
+
+def median_pairwise_distance(codebook: torch.Tensor, max_codes: int | None = 4096,
+                             generator: torch.Generator | None = None) -> float:
+    """Median Euclidean distance between distinct codes: median_{i<j} |e_i - e_j|.
+
+    Codes beyond `max_codes` are sampled deterministically (`sample_rows`). NaN for fewer than
+    two codes. Pass finite rows only.
+
+    Args:
+        codebook: `[K, D]` codes.
+        max_codes: sample size bound (the pairwise matrix is max_codes^2, built in chunks).
+        generator: randomness for the sample.
+
+    Returns:
+        the median distance.
+    """
+    return pairwise_summary(codebook, 0.0, max_codes, generator)[0]
+
+
+def near_duplicates(codebook: torch.Tensor, rel: float = 1e-2, max_codes: int | None = 4096,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Codes that have another code almost on top of them.
+
+    dup_i = min_{j != i} |e_i - e_j| < rel * median_{a<b} |e_a - e_b|, or that distance is exactly
+    0 (identical rows are duplicates even when the median is 0). Pairwise (`torch.cdist` in
+    chunks) within a deterministic sample of `max_codes` codes when K is larger, so the mask
+    covers the sample and its mean estimates the duplicate fraction.
+
+    Args:
+        codebook: `[K, D]` codes (finite rows only).
+        rel: distance threshold as a fraction of the median inter-code distance.
+        max_codes: sample size bound.
+        generator: randomness for the sample.
+
+    Returns:
+        bool `[min(K, max_codes)]`, True for near-duplicates (all False for K < 2).
+    """
+    return pairwise_summary(codebook, rel, max_codes, generator)[1]
+
+
+def effective_rank(codebook: torch.Tensor, max_codes: int | None = None,
+                   generator: torch.Generator | None = None) -> float:
+    """Effective rank (Roy & Vetterli 2007) of the centred codebook.
+
+    erank = exp(-sum_i p_i log p_i), p_i = σ_i / sum_j σ_j, σ the singular values of E - mean(E).
+    Between 1 and min(K, D); ≈ r for r equally strong directions. Computed from the eigenvalues
+    of the D x D Gram matrix accumulated in float64 over row chunks, so a 65536 x 256 table
+    needs no more than one chunk in float64 at a time. 0 for a table with no spread (all rows
+    equal, e.g. an all-zero codebook awaiting k-means).
+
+    Args:
+        codebook: `[K, D]` codes (finite rows only).
+        max_codes: use a deterministic sample of this many rows when K is larger (the spectrum
+            of a row sample estimates the table's when K >> D).
+        generator: randomness for the sample.
+
+    Returns:
+        the effective rank.
+    """
+    x = codebook.detach()
+    idx = sample_rows(x.shape[0], max_codes, generator)
+    if idx is not None:
+        x = x[idx]
+    k, d = x.shape
+    if k == 0:
+        return 0.0
+    mean = x.to(torch.float64).mean(0)
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    chunk = max(1, BLOCK_ELEMENTS // 4 // max(d, 1))
+    for s in range(0, k, chunk):
+        c = x[s:s + chunk].to(torch.float64) - mean
+        gram += c.T @ c
+    sv = torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt()
+    total = sv.sum()
+    if not bool(total > 0) or not bool(torch.isfinite(total)):
+        return 0.0
+    return float(torch.exp(entropy(sv / total)))
+
+
+def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, metric: str = "euclidean",
+                  chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code of every input and its distance, without materialising N x K at once.
+
+    euclidean: k_j = argmin_i |z_j - e_i| (searched as argmin_i |e_i|^2 - 2 z_j·e_i);
+    cosine: k_j = argmax_i ẑ_j·ê_i with ẑ, ê l2-normalised, and the distance |ẑ_j - ê_k|.
+    The distance of the chosen code is recomputed directly (no cancellation). Codes with
+    non-finite elements are never chosen (distance +inf when no code is finite).
+
+    Args:
+        z: `[N, D]` inputs.
+        codebook: `[K, D]` codes.
+        metric: "euclidean" or "cosine".
+        chunk: inputs per block (default: as many as fit BLOCK_ELEMENTS distances).
+
+    Returns:
+        (long `[N]` indices, float64 `[N]` distances).
+    """
+    z = z.detach().to(torch.float32)
+    e = codebook.detach().to(torch.float32)
+    if metric == "cosine":
+        z, e = l2normalize(z), l2normalize(e)
+    n, k = z.shape[0], e.shape[0]
+    chunk = chunk or max(1, BLOCK_ELEMENTS // max(k, 1))
+    # Non-finite codes can never be chosen (argmin would otherwise return the NaN's position).
+    bad = ~torch.isfinite(e).all(-1)
+    e = torch.where(bad.unsqueeze(-1), torch.zeros_like(e), e)
+    e_sq = (e * e).sum(-1).masked_fill(bad, float("inf"))
+    idx = torch.empty(n, dtype=torch.long)
+    for s in range(0, n, chunk):
+        zc = z[s:s + chunk]
+        scores = torch.addmm(e_sq, zc, e.T, beta=1.0, alpha=-2.0)  # |e|^2 - 2 z·e
+        idx[s:s + chunk] = scores.argmin(dim=1)
+    dist = torch.linalg.vector_norm(z.to(torch.float64) - e[idx].to(torch.float64), dim=-1)
+    return idx, dist.masked_fill(bad[idx], float("inf"))
+
+
+def fsq_level_indices(z: torch.Tensor, levels: tuple[int, ...] | list[int],
+                      preserve_symmetry: bool = False) -> torch.Tensor:
+    """Per-dimension FSQ level index of each input, with vector-quantize-pytorch semantics.
+
+    Default bound: h = (L - 1)(1 + 1e-3) / 2, o = 0.5 for even L else 0, s = atanh(o / h),
+    level = round(tanh(z + s) h - o) + L // 2 ∈ {0..L-1}. Symmetry-preserving variant (needed
+    for L = 2): level = floor((L - 1)(tanh z + 1) / 2 + 0.5).
+
+    Args:
+        z: `[N, d]` projected inputs, d = len(levels).
+        levels: levels per dimension.
+        preserve_symmetry: use the symmetry-preserving bound.
+
+    Returns:
+        long `[N, d]` level indices.
+    """
+    L = torch.tensor(list(levels), dtype=torch.float32)
+    z = z.detach().to(torch.float32)
+    if preserve_symmetry:
+        lv = torch.floor((L - 1) * (torch.tanh(z) + 1) / 2 + 0.5)
+    else:
+        half_l = (L - 1) * (1 + 1e-3) / 2
+        offset = torch.where(L.remainder(2) == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half_l)
+        lv = torch.round(torch.tanh(z + shift) * half_l - offset) + torch.floor(L / 2)
+    return torch.minimum(lv.clamp_min(0), L - 1).long()
+
+
+def fsq_indices(level_idx: torch.Tensor, levels: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Implicit-codebook index from per-dimension levels: k = sum_d level_d * prod_{d'<d} L_d'.
+
+    Args:
+        level_idx: long `[N, d]` from `fsq_level_indices`.
+        levels: levels per dimension.
+
+    Returns:
+        long `[N]` code indices in [0, prod(levels)).
+    """
+    basis = torch.cumprod(torch.tensor([1, *list(levels)[:-1]], dtype=torch.long), 0)
+    return (level_idx.long() * basis).sum(-1)
+
+
+def lfq_indices(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFQ sign bits and code index (vector-quantize-pytorch: first dimension is the most significant bit).
+
+    b_d = [z_d > 0], k = sum_d b_d 2^(d_total - 1 - d).
+
+    Args:
+        z: `[N, d]` projected inputs, d <= 62.
+
+    Returns:
+        (bool `[N, d]` bits, long `[N]` indices).
+    """
+    bits = z.detach() > 0
+    d = bits.shape[-1]
+    mask = 2 ** torch.arange(d - 1, -1, -1, dtype=torch.long)
+    return bits, (bits.long() * mask).sum(-1)

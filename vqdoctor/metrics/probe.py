@@ -1,0 +1,406 @@
+"""Probe metrics: what the quantizer does with real encoder outputs (the PROBE names of `metrics.names`).
+
+A probe is a tensor file of vectors that enter the quantizer (`vqdoctor inspect --probe`).
+`load_probe` reads it safely, `probe_inputs` maps it onto the discovered quantizers (by name, or
+by dimension, chaining residuals through residual stages), `probe_metrics` measures one
+quantizer on its vectors: assignment usage, input vs code scale, quantisation error, and FSQ/LFQ
+level and bit statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqdoctor.errors import ProbeError
+from vqdoctor.metrics import functional as F
+from vqdoctor.metrics.codebook import PAIRWISE_MAX_CODES
+from vqdoctor.quantizers.base import QuantizerState
+
+# Keys under which a probe file may wrap its payload.
+WRAPPER_KEYS = ("z", "probe")
+# Libraries whose quantizer inputs are channels-last [B, T, C]; the rest are conv codecs / image
+# models with channels-first [B, C, ...]. Only used to break the tie when T == C.
+CHANNELS_LAST_LIBRARIES = {"vector-quantize-pytorch", "sonnet", "zalando", "generic"}
+
+Probe = torch.Tensor | dict[str, torch.Tensor]
+
+
+def _as_float(v: object, path: str, what: str) -> torch.Tensor:
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind not in "biuf":
+            raise ProbeError(f"probe {path}: {what} has dtype {v.dtype}; expected a numeric array")
+        v = torch.from_numpy(np.ascontiguousarray(v))
+    if not isinstance(v, torch.Tensor):
+        raise ProbeError(f"probe {path}: {what} is a {type(v).__name__}, not a tensor")
+    if v.is_complex() or v.numel() == 0:
+        raise ProbeError(f"probe {path}: {what} is {'empty' if v.numel() == 0 else 'complex'}")
+    return v.detach().to("cpu", torch.float32)
+
+
+def _normalise(obj: object, path: str) -> Probe:
+    """Tensor or {name: tensor}; unwraps {"z": ...} / {"probe": ...}; drops non-tensor entries."""
+    while isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in WRAPPER_KEYS:
+        obj = next(iter(obj.values()))
+    if isinstance(obj, dict):
+        out = {str(k): _as_float(v, path, f"entry {k!r}") for k, v in obj.items()
+               if isinstance(v, (torch.Tensor, np.ndarray))}
+        if not out:
+            raise ProbeError(f"probe {path} holds no tensors (expected a tensor or a dict name -> tensor)")
+        return out
+    return _as_float(obj, path, "content")
+
+
+def load_probe(path: str) -> Probe:
+    """Read a probe file: a tensor of quantizer inputs, or a dict name -> tensor.
+
+    Formats: `.safetensors`; `.npy` / `.npz` (`allow_pickle=False`); anything else is read as a
+    torch file with `torch.load(weights_only=True)` (no code from the file can run). A dict with
+    a single "z" or "probe" entry is unwrapped. Tensors come back float32 on the CPU.
+
+    Args:
+        path: the probe file.
+
+    Returns:
+        a tensor, or a dict name -> tensor.
+
+    Raises:
+        ProbeError: missing, unreadable, unsafe or non-tensor content (one line).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ProbeError(f"probe {path} does not exist")
+    if not p.is_file():
+        raise ProbeError(f"probe {path} is not a file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj: object = load_file(str(p), device="cpu")
+        elif suffix == ".npy":
+            obj = np.load(p, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(p, allow_pickle=False) as f:
+                obj = {k: f[k] for k in f.files}
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except ProbeError:
+        raise
+    except Exception as e:  # every reader has its own exception family; all mean "cannot read"
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ProbeError(f"probe {path} cannot be read safely: {reason}") from None
+    return _normalise(obj, path)
+
+
+def expected_input_dim(q: QuantizerState) -> int:
+    """Dimension of the vectors a quantizer takes: input_dim, else project_in's input, else dim * input_heads."""
+    if q.input_dim is not None:
+        return int(q.input_dim)
+    if q.project_in is not None:
+        return int(q.project_in[0].shape[1])
+    return int(q.dim * q.input_heads)
+
+
+def code_space_dim(q: QuantizerState) -> int:
+    """Dimension after `project_in`: input_heads x dim."""
+    return int(q.dim * q.input_heads)
+
+
+def _flatten(z: torch.Tensor, c: int, channels_last_first: bool) -> torch.Tensor | None:
+    """[N, C], [B, C, *spatial] or [B, *, C] -> [n, C]; None when no axis has size c."""
+    if z.ndim == 1:
+        return z.reshape(1, -1) if z.shape[0] == c else None
+    if z.ndim == 2:
+        return z if z.shape[1] == c else None
+    last, first = z.shape[-1] == c, z.shape[1] == c
+    if last and (channels_last_first or not first):
+        return z.reshape(-1, c)
+    if first:
+        return z.movedim(1, -1).reshape(-1, c)
+    return None
+
+
+def _project(q: QuantizerState, x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T + b with the quantizer's input projection (identity when it has none)."""
+    if q.project_in is None:
+        return x
+    w, b = q.project_in
+    w = w.detach().to(torch.float32).reshape(w.shape[0], -1)
+    y = x @ w.T
+    return y + b.detach().to(torch.float32) if b is not None else y
+
+
+def _same_projection(states: list[QuantizerState]) -> bool:
+    """True when every stage carries one group-level projection (lucidrains ResidualVQ `project_in`)."""
+    scopes = {s.extra.get("project_in_scope") for s in states} - {None}
+    if scopes:
+        return scopes == {"group"}
+    p0 = states[0].project_in
+    for s in states[1:]:
+        p = s.project_in
+        if (p is None) != (p0 is None):
+            return False
+        if p is not None and p0 is not None:
+            if p[0] is not p0[0] and (p[0].shape != p0[0].shape or not torch.equal(p[0], p0[0])):
+                return False
+            if (p[1] is None) != (p0[1] is None):
+                return False
+            if p[1] is not None and p0[1] is not None and p[1] is not p0[1] and not torch.equal(p[1], p0[1]):
+                return False
+    return True
+
+
+def _quantize(q: QuantizerState, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assign code-space vectors `[n, input_heads * D]` to codes.
+
+    Returns (indices [n, h], distances [n, h], quantized [n, h * D]); heads look up their own
+    codebook when H == input_heads, else all heads share codebook 0.
+    """
+    cb = F.as_hkd(q.codebook.detach())
+    h, D = q.input_heads, q.dim
+    if cb.shape[0] not in (1, h):
+        raise ProbeError(f"probe for {q.name or 'quantizer'}: {h} input heads do not map onto {cb.shape[0]} codebooks")
+    xs = x.reshape(x.shape[0], h, D)
+    idx = torch.empty(x.shape[0], h, dtype=torch.long)
+    dist = torch.empty(x.shape[0], h, dtype=torch.float64)
+    quant = torch.empty_like(xs)
+    for i in range(h):
+        e = cb[i if cb.shape[0] == h else 0].to(torch.float32)
+        idx[:, i], dist[:, i] = F.nearest_codes(xs[:, i], e, q.metric)
+        quant[:, i] = e[idx[:, i]]
+    return idx, dist, quant.reshape(x.shape[0], h * D)
+
+
+def _match_names(keys: list[str], states: list[QuantizerState]) -> dict[str, str]:
+    """state name -> probe key: exact, else a unique dotted-suffix match in either direction."""
+
+    def related(a: str, b: str) -> bool:
+        return bool(a) and bool(b) and (a.endswith("." + b) or b.endswith("." + a))
+
+    out = {}
+    for s in states:
+        if s.name in keys:
+            out[s.name] = s.name
+            continue
+        cands = [k for k in keys if related(s.name, k)]
+        if len(cands) == 1 and sum(related(t.name, cands[0]) or t.name == cands[0] for t in states) == 1:
+            out[s.name] = cands[0]
+    return out
+
+
+def _note(q: QuantizerState, text: str) -> None:
+    if text not in q.notes:
+        q.notes.append(text)
+
+
+def probe_inputs(z_all: Probe, states: list[QuantizerState], *, path: str) -> dict[str, torch.Tensor]:
+    """Map a probe onto quantizers: each quantizer's vectors in its code space, `[n, input_heads * dim]`.
+
+    A dict is matched by quantizer name (exact, or a unique dotted-suffix match; a single entry
+    matching no name is read as one tensor). A tensor of shape [N, C], [B, C, *spatial]
+    (channels-first) or [B, T, C] (channels-last) is flattened to [n, C] where C is the
+    quantizer's expected input (`expected_input_dim`), and goes to stand-alone quantizers and
+    to stage 0 of residual groups. Later residual stages get x_{s+1} = x_s - q_s(x_s), the
+    residual the library quantizes, in the space the stages share: a group-level projection
+    (the same `project_in` on every stage, or `extra["project_in_scope"] == "group"`) is applied
+    once; with per-stage projections (DAC) or implicit codebooks (residual FSQ/LFQ) chaining
+    stops at stage 0 and those stages get a note asking for per-stage probes.
+
+    Every returned tensor is already projected (`project_in` applied): pass `projected=True`
+    to `probe_metrics`.
+
+    Args:
+        z_all: what `load_probe` returned.
+        states: the discovered quantizers (notes may be appended to them).
+        path: the probe file, for messages.
+
+    Returns:
+        quantizer name -> float32 `[n, input_heads * dim]`.
+
+    Raises:
+        ProbeError: nothing fits, naming the probe's shape and each quantizer's expected dim.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(z_all, dict):
+        matched = _match_names(list(z_all), states)
+        if matched:
+            for s in states:
+                if s.name in matched:
+                    x = _dict_entry(z_all[matched[s.name]], s)
+                    if x is not None:
+                        out[s.name] = x
+            if out:
+                return out
+            raise _no_fit(f"probe {path} entries {', '.join(sorted(set(matched.values())))} do not have the dimension of their quantizers", states)
+        if len(z_all) != 1:
+            raise _no_fit(f"probe {path} has entries {', '.join(list(z_all)[:8])} and none names a quantizer", states)
+        z_all = next(iter(z_all.values()))
+
+    groups: dict[str, list[QuantizerState]] = {}
+    for s in states:
+        if s.group is None or s.stage is None:
+            x = _flatten(z_all, expected_input_dim(s), s.library in CHANNELS_LAST_LIBRARIES)
+            if x is not None:
+                out[s.name] = _project(s, x)
+        else:
+            groups.setdefault(s.group, []).append(s)
+    for stages in groups.values():
+        stages.sort(key=lambda s: s.stage)
+        first = stages[0]
+        if first.stage != 0:
+            continue
+        x = _flatten(z_all, expected_input_dim(first), first.library in CHANNELS_LAST_LIBRARIES)
+        if x is None:
+            continue
+        x = _project(first, x)
+        out[first.name] = x
+        if len(stages) == 1:
+            continue
+        implicit = any(s.codebook is None for s in stages)
+        if implicit or not _same_projection(stages):
+            why = "implicit codebooks (FSQ/LFQ)" if implicit else "its own input projection"
+            for s in stages[1:]:
+                _note(s, f"probe: stage {s.stage} has {why}, so the probe's residual cannot be carried to it; "
+                         f"pass a dict probe with an entry '{s.name}' holding that stage's input to measure it.")
+            continue
+        for prev, s in zip(stages, stages[1:], strict=False):
+            if s.stage != prev.stage + 1 or code_space_dim(s) != x.shape[1]:
+                break
+            x = x - _quantize(prev, x)[2]
+            out[s.name] = x
+    if not out:
+        shape = f"dim {z_all.shape[-1]}" if z_all.ndim <= 2 else f"shape {list(z_all.shape)}"
+        raise _no_fit(f"probe {path} has {shape}", states)
+    return out
+
+
+def _dict_entry(z: torch.Tensor, s: QuantizerState) -> torch.Tensor | None:
+    """A named probe entry in code space: projected when it has the raw input dim, as is when it has the code-space dim."""
+    cl = s.library in CHANNELS_LAST_LIBRARIES
+    raw, code = expected_input_dim(s), code_space_dim(s)
+    # A later stage of a group-level projection takes the residual in the projected space.
+    later_stage = s.stage not in (None, 0)
+    order = ((code, False), (raw, True)) if later_stage else ((raw, True), (code, False))
+    for c, project in order:
+        x = _flatten(z, c, cl)
+        if x is not None:
+            return _project(s, x) if project else x
+    return None
+
+
+def _no_fit(head: str, states: list[QuantizerState]) -> ProbeError:
+    expect = ", ".join(f"{s.name or 'quantizer'} ({expected_input_dim(s)})" for s in states
+                       if s.stage in (None, 0))
+    return ProbeError(f"{head}; quantizers expect: {expect or 'nothing'}")
+
+
+def _usage(idx: torch.Tensor, K: int, prefix: str = "probe_") -> dict[str, float]:
+    """perplexity / usage / entropy of hard assignments (unique codes, so huge implicit K is fine)."""
+    _, counts = torch.unique(idx, return_counts=True)
+    h = float(F.entropy(F.usage_distribution(counts)))
+    usage = counts.numel() / K
+    return {f"{prefix}perplexity": math.exp(h), f"{prefix}usage_fraction": usage,
+            f"{prefix}dead_fraction": 1.0 - usage,
+            f"{prefix}entropy_norm": h / math.log(K) if K > 1 else 1.0,
+            f"{prefix}top1_share": float(counts.max()) / idx.numel()}
+
+
+def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(d[k] for d in ds) / len(ds) for k in ds[0]} if ds else {}
+
+
+def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False,
+                  code_norm_ref: float | None = None) -> dict[str, float]:
+    """The PROBE metrics (`metrics.names.PROBE`) of one quantizer on its input vectors.
+
+    Inputs are projected with `project_in` (x @ W.T + b) unless `projected`, split into
+    `input_heads` slices of `dim`, and assigned with the quantizer's metric (cosine: both sides
+    l2-normalised). Non-finite rows are counted (`probe_nonfinite`, elements) and dropped.
+
+    - always: probe_tokens, probe_nonfinite; and with finite rows, z_norm_median (norm of the
+      projected head slices).
+    - codebook quantizers: probe_perplexity, probe_usage_fraction, probe_dead_fraction,
+      probe_entropy_norm, probe_top1_share (per codebook, averaged over heads with separate
+      codebooks; pooled over heads sharing one), code_norm_median, scale_ratio =
+      z_norm_median / code_norm_median, nearest_dist_median, nearest_to_intercode =
+      nearest_dist_median / intercode_dist_median, quant_error_rel = median |z - e_k| / |z|
+      (cosine: on the normalised vectors, what the lookup compares).
+    - FSQ with levels: the implicit-code usage names, fsq_level_usage_min, fsq_saturation.
+    - LFQ: the implicit-code usage names (when dim <= 62), lfq_bit_balance_min.
+
+    Args:
+        q: the quantizer.
+        z: `[n, C]` inputs (C = expected_input_dim(q), or the code-space dim when `projected`).
+        projected: `z` is already in code space (what `probe_inputs` returns).
+        code_norm_ref: the codebook's reference norm (`codebook_metrics`' code_norm_median,
+            taken over live codes when counts are stored); the scale ratio is taken against it.
+
+    Returns:
+        metric name -> finite float.
+    """
+    z = z.detach().to(torch.float32).reshape(-1, z.shape[-1])
+    out: dict[str, float] = {"probe_nonfinite": float((~torch.isfinite(z)).sum())}
+    x = z if projected else _project(q, z)
+    x = x[torch.isfinite(x).all(-1)]
+    out["probe_tokens"] = float(x.shape[0])
+    h, D = q.input_heads, q.dim
+    if x.shape[0] == 0 or x.shape[1] != h * D:
+        return out
+    heads = x.reshape(-1, h, D)
+    out["z_norm_median"] = float(F.row_norms(heads).median())
+
+    if q.kind == "fsq" and q.levels:
+        flat = heads.reshape(-1, D)
+        sym = bool(q.extra.get("preserve_symmetry", False)) or 2 in q.levels
+        lv = F.fsq_level_indices(flat, q.levels, preserve_symmetry=sym)
+        L = torch.tensor(q.levels)
+        used = torch.tensor([lv[:, d].unique().numel() for d in range(D)], dtype=torch.float64)
+        out["fsq_level_usage_min"] = float((used / L).min())
+        out["fsq_saturation"] = float(((lv == 0) | (lv == L - 1)).double().mean())
+        out.update(_usage(F.fsq_indices(lv, q.levels), q.codebook_size))
+        return out
+    if q.kind == "lfq":
+        bits, idx = F.lfq_indices(heads.reshape(-1, D))
+        p = bits.double().mean(0)
+        out["lfq_bit_balance_min"] = float((2 * torch.minimum(p, 1 - p)).min())
+        if D <= 62:
+            out.update(_usage(idx, q.codebook_size))
+        return out
+    if q.codebook is None:
+        return out
+
+    idx, dist, _ = _quantize(q, x)
+    cb = F.as_hkd(q.codebook.detach())
+    K = int(cb.shape[1])
+    if cb.shape[0] == 1:
+        out.update(_usage(idx.reshape(-1), K))
+    else:
+        out.update(_mean_dicts([_usage(idx[:, i], K) for i in range(h)]))
+    if code_norm_ref is not None and code_norm_ref > 0:
+        # The codebook metrics' reference (median over live codes when counts are stored).
+        out["scale_ratio"] = out["z_norm_median"] / code_norm_ref
+    else:
+        code_norms = F.row_norms(cb)
+        code_norms = code_norms[torch.isfinite(code_norms) & (code_norms > 0)]
+        if code_norms.numel():
+            out["code_norm_median"] = float(code_norms.median())
+            out["scale_ratio"] = out["z_norm_median"] / out["code_norm_median"]
+    out["nearest_dist_median"] = float(dist.median())
+    meds = []
+    for i in range(cb.shape[0]):
+        e = cb[i][torch.isfinite(cb[i]).all(-1)]
+        if q.metric == "cosine":
+            e = F.l2normalize(e.to(torch.float32))
+        meds.append(F.median_pairwise_distance(e, PAIRWISE_MAX_CODES))
+    meds = [m for m in meds if math.isfinite(m)]
+    if meds and sum(meds) > 0:
+        out["nearest_to_intercode"] = out["nearest_dist_median"] / (sum(meds) / len(meds))
+    zn = F.row_norms(F.l2normalize(heads) if q.metric == "cosine" else heads)
+    rel = dist / zn
+    rel = rel[torch.isfinite(rel)]
+    if rel.numel():
+        out["quant_error_rel"] = float(rel.median())
+    return {k: v for k, v in out.items() if math.isfinite(v)}

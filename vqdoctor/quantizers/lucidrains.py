@@ -1,0 +1,244 @@
+"""vector-quantize-pytorch: VectorQuantize, ResidualVQ, GroupedResidualVQ, LFQ, SimVQ, FSQ.
+
+Layouts (research note §3): `P._codebook.{initted,cluster_size,embed_avg,embed}` ([H, K(, D)];
+<= 1.26 `initted` (1,) float; before 0.9.0 a 2-D `embed`); residual stages `P.layers.{q}`, grouped
+`P.rvqs.{g}.layers.{q}`, projection `project_in` on the module or its residual parent; LFQ `P.mask`
+(int64 powers of two); SimVQ `P.frozen_codebook` + `P.code_transform.weight`; FSQ stores nothing
+but projections, so it is found only when the config names its levels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vqdoctor.checkpoint.base import TensorSource
+from vqdoctor.quantizers._common import (
+    Roles,
+    apply_config,
+    as_hk,
+    as_hkd,
+    config_value,
+    group_prefixes,
+    join,
+    read_projection,
+    split_stage,
+    unclaimed,
+    unit_rows,
+)
+from vqdoctor.quantizers.base import QuantizerState
+
+LIBRARY = "vector-quantize-pytorch"
+EPS = 1e-5
+_AFFINE = ("codebook_mean", "codebook_variance", "codebook_mean_needs_init",
+           "codebook_variance_needs_init", "batch_mean", "batch_variance")
+
+
+def _project(r: Roles, name: str, group: str | None, st: QuantizerState) -> None:
+    """Attach the module's own `project_in` (or its residual parent's) and claim `project_out`."""
+    for owner in (name, group) if group is not None else (name,):
+        for pin in ("project_in", "project_in.0"):
+            proj = read_projection(r, join(owner, pin))
+            if proj is not None:
+                st.project_in, st.input_dim = proj[:2], int(proj[0].shape[1])
+                st.input_heads = max(1, int(proj[0].shape[0]) // st.dim)
+                if r.claim("project_in.norm.weight", join(owner, "project_in.1.weight")):
+                    r.claim("project_in.norm.bias", join(owner, "project_in.1.bias"))
+                    st.extra["layernorm_after_project_in"] = True
+                r.claim_under("project_out", join(owner, "project_out"))
+                return
+
+
+def _ema_consistent(embed: torch.Tensor, avg: torch.Tensor, n: torch.Tensor, cosine: bool) -> bool:
+    """lucidrains invariant (§2.4): embed == embed_avg / laplace-smoothed(cluster_size)."""
+    total = n.sum(-1, keepdim=True)
+    pred = avg / ((n + EPS) / (total + n.shape[-1] * EPS) * total).unsqueeze(-1)
+    pred = F.normalize(pred, dim=-1) if cosine else pred
+    err = (embed - pred).norm(dim=-1) / embed.norm(dim=-1).clamp_min(1e-12)
+    return bool(err.max() < 1e-3)
+
+
+def _kind(src: TensorSource, cb: str, st: QuantizerState) -> str:
+    """EMA-updated or gradient-trained: config first, then what the stored statistics show."""
+    ema, learnable = config_value(src, "ema_update"), config_value(src, "learnable_codebook")
+    if ema is not None or learnable is not None:
+        return "vq" if ema is False or learnable is True else "vq-ema"
+    n, avg, embed = st.cluster_size, st.embed_avg, st.extra.get("raw_codebook", st.codebook)
+    if n is None or avg is None:
+        return "vq-ema"
+    if bool((n == 1).all()) and not torch.equal(avg, embed):
+        st.notes.append("EMA statistics never moved while the codebook did: read as a gradient-trained "
+                        "codebook (learnable_codebook / ema_update=False).")
+        return "vq"
+    order = list(src.infos)
+    if order.index(cb + "embed") < order.index(cb + "cluster_size"):  # Parameters precede buffers
+        st.extra["is_parameter"] = True
+        ok = _ema_consistent(embed, avg, n, st.metric == "cosine") and not bool((n == 1).all())
+        st.notes.append("codebook stored as a Parameter (learnable_codebook or orthogonal_reg_weight) and "
+                        "no config says how it is updated: the EMA invariant "
+                        + ("holds, EMA updates assumed." if ok else "is broken, gradient updates assumed."))
+        return "vq-ema" if ok else "vq"
+    return "vq-ema"
+
+
+def _vq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
+    out = []
+    for name in group_prefixes(src.keys(), ("_codebook.embed", "_codebook.initted")):
+        cb = join(name, "_codebook.")
+        own = [k for k in src.infos if k.startswith(cb)]
+        if len(src.infos[cb + "embed"].shape) not in (2, 3) or not unclaimed(own, taken):
+            continue
+        r, (group, stage) = Roles(src), split_stage(name)
+        embed = as_hkd(r.read("codebook", cb + "embed"))
+        n = r.read_opt("cluster_size", cb + "cluster_size")
+        avg = r.read_opt("embed_avg", cb + "embed_avg")
+        st = QuantizerState(
+            name, "vq-ema", LIBRARY, int(embed.shape[1]), int(embed.shape[2]), codebook=embed,
+            cluster_size=None if n is None else as_hk(n), embed_avg=None if avg is None else as_hkd(avg),
+            eps=EPS, group=group, stage=stage,
+            initted=bool(r.read("initted", cb + "initted").flatten()[0] > 0))
+        cosine = config_value(src, "use_cosine_sim")
+        tol = 1e-3 if src.infos[cb + "embed"].dtype in (torch.float32, torch.float64) else 2e-2
+        if cosine is None and st.initted and unit_rows(embed, tol):
+            cosine = True
+            st.notes.append("cosine metric inferred from unit-norm codes (use_cosine_sim).")
+        st.metric = "cosine" if cosine else "euclidean"
+        if cb + "codebook_mean" in src.infos:
+            _affine(src, r, cb, st)
+        st.kind = _kind(src, cb, st)
+        _finish(src, r, st, group)
+        st.input_heads = st.heads if st.heads > 1 else st.input_heads
+        out.append(st)
+        taken.update(r.keys.values())
+    return out
+
+
+def _affine(src: TensorSource, r: Roles, cb: str, st: QuantizerState) -> None:
+    """`affine_param=True`: the lookup uses the table moved to the batch statistics (Huh et al.)."""
+    for a in _AFFINE:
+        r.claim(f"affine.{a}", cb + a)
+    if not all(cb + a in src.infos for a in _AFFINE[4:]):  # batch stats appear after a forward
+        return
+    mean, var = src.get_float(cb + "codebook_mean"), src.get_float(cb + "codebook_variance")
+    b_mean, b_var = src.get_float(cb + "batch_mean"), src.get_float(cb + "batch_variance")
+    scale = b_var.clamp(min=1e-5).sqrt() / var.clamp(min=1e-5).sqrt()
+    st.extra["raw_codebook"] = st.codebook
+    st.codebook = (st.codebook - mean) * scale + b_mean
+    st.notes.append("affine_param: codebook is the affine-transformed lookup table; the EMA "
+                    "statistics track extra['raw_codebook'].")
+
+
+def _finish(src: TensorSource, r: Roles, st: QuantizerState, group: str | None) -> None:
+    """Projection, config facts, and the keys/dtypes collected so far."""
+    _project(r, st.name, group, st)
+    if st.input_dim is None:
+        st.input_dim = st.dim * st.heads
+    apply_config(src, st)
+    st.keys, st.dtypes = r.keys, r.dtypes
+
+
+def _lfq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
+    out = []
+    for name in group_prefixes(src.keys(), ("mask",)):
+        key, info = join(name, "mask"), src.infos[join(name, "mask")]
+        is_bits = info.dtype == torch.int64 and len(info.shape) == 1 and 0 < info.shape[0] <= 62
+        if not is_bits or key in taken:
+            continue
+        bits = info.shape[0]
+        if not torch.equal(src.get(key), 2 ** torch.arange(bits - 1, -1, -1)):
+            continue
+        r, (group, stage) = Roles(src), split_stage(name)
+        r.claim("mask", key)
+        st = QuantizerState(name, "lfq", LIBRARY, 2 ** bits, bits, group=group, stage=stage,
+                            metric="cosine" if config_value(src, "spherical") else "euclidean")
+        _finish(src, r, st, group)
+        out.append(st)
+        taken.update(r.keys.values())
+    return out
+
+
+def _simvq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
+    out = []
+    for name in group_prefixes(src.keys(), ("frozen_codebook", "code_transform.weight")):
+        fk, wk = join(name, "frozen_codebook"), join(name, "code_transform.weight")
+        fs, ws = src.infos[fk].shape, src.infos[wk].shape
+        if len(fs) != 2 or len(ws) != 2 or fs[1] != ws[1] or not unclaimed((fk, wk), taken):
+            continue
+        r, (group, stage) = Roles(src), split_stage(name)
+        codebook = (r.read("codebook", fk) @ r.read("code_transform.weight", wk).T).unsqueeze(0)
+        st = QuantizerState(name, "simvq", LIBRARY, int(fs[0]), int(ws[0]), codebook=codebook,
+                            group=group, stage=stage, extra={"frozen_dim": int(fs[1])})
+        _finish(src, r, st, group)
+        out.append(st)
+        taken.update(r.keys.values())
+    return out
+
+
+def fsq_state(name: str, levels: Sequence[int],
+              project_in: tuple[torch.Tensor, torch.Tensor | None] | None = None, *,
+              library: str = LIBRARY, group: str | None = None, stage: int | None = None,
+              keys: dict[str, str] | None = None, dtypes: dict[str, str] | None = None
+              ) -> QuantizerState:
+    """An FSQ quantizer in normal form (nothing of its grid is stored; levels come from config or user).
+
+    Args:
+        name: key prefix of the FSQ module.
+        levels: levels per dimension, e.g. (8, 5, 5, 5); K = their product, D = their count.
+        project_in: (weight [C * D, input_dim], bias) of the input projection, when stored.
+        library: library to report.
+        group: residual parent, for ResidualFSQ stages.
+        stage: index within `group`.
+        keys: source key per role (e.g. "project_in.weight").
+        dtypes: stored dtype per role.
+    """
+    levels = tuple(int(x) for x in levels)
+    st = QuantizerState(name, "fsq", library, math.prod(levels), len(levels), levels=levels,
+                        group=group, stage=stage, project_in=project_in, keys=dict(keys or {}),
+                        dtypes=dict(dtypes or {}), input_dim=len(levels))
+    if project_in is not None:
+        st.input_dim = int(project_in[0].shape[1])
+        st.input_heads = max(1, int(project_in[0].shape[0]) // len(levels))
+    return st
+
+
+def _fsq(src: TensorSource, taken: set[str], others: bool) -> list[QuantizerState]:
+    levels = config_value(src, "fsq_levels", "levels")
+    if not (isinstance(levels, (list, tuple)) and levels and all(isinstance(x, int) and x >= 2 for x in levels)):
+        return []
+    out, n_q = [], int(config_value(src, "num_quantizers") or 1)
+    for name in group_prefixes(src.keys(), ("project_in.weight", "project_out.weight")):
+        pin = src.infos[join(name, "project_in.weight")].shape
+        if len(pin) != 2 or pin[0] % len(levels) or join(name, "project_in.weight") in taken:
+            continue
+        r = Roles(src)
+        proj = read_projection(r, join(name, "project_in"))
+        r.claim_under("project_out", join(name, "project_out"))
+        # ResidualFSQ: the top-level projection feeds every stage, the stages store nothing
+        stages = [(join(name, f"layers.{q}"), name, q) for q in range(n_q)] if n_q > 1 else [(name, None, None)]
+        out += [fsq_state(n, levels, proj[:2] if proj else None, group=g, stage=q, keys=r.keys,
+                          dtypes=r.dtypes) for n, g, q in stages]
+        taken.update(r.keys.values())
+    if not out and not others:  # levels named, nothing stored: an FSQ without projections
+        st = fsq_state("", levels)
+        st.notes.append("FSQ levels come from the config; the quantizer stores no tensor, so its "
+                        "name is unknown.")
+        out.append(st)
+    return out
+
+
+class _Lucidrains:
+    """Adapter for vector-quantize-pytorch layouts."""
+
+    name = "lucidrains"
+
+    def find(self, src: TensorSource, claimed: set[str]) -> list[QuantizerState]:
+        """Every vector-quantize-pytorch quantizer in `src` (see module docstring for layouts)."""
+        taken = set(claimed)
+        found = _vq(src, taken) + _lfq(src, taken) + _simvq(src, taken)
+        return found + _fsq(src, taken, bool(found))
+
+
+ADAPTER = _Lucidrains()

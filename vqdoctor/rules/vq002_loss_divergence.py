@@ -1,0 +1,160 @@
+"""VQ002 loss-divergence: the training loss grows exponentially, or gradient norms spike.
+
+## What it detects
+Run mode only. The training loss rising by orders of magnitude above its running minimum
+while still growing (it keeps at least doubling within a short window), or the encoder /
+decoder gradient norm jumping far above its recent median. Checkpoints carry no loss history,
+so the rule is silent on them.
+
+## Why it matters
+A diverging optimisation drags the encoder outputs to huge norms, which pushes every input to
+the same code (dead codes, index collapse) and ends in NaN/Inf. The SPEC's user story ended at
+a loss of 1e13. The usual causes are a learning rate too high for the quantizer's losses, no
+(or ineffective) gradient clipping, and a commitment term that grows with `||z||`
+(lucidrains/vector-quantize-pytorch #26, #27, #69).
+
+## Signals and thresholds
+- `loss` (run-wide): ratio to its running minimum (over positive values) >= `warn_ratio` (10)
+  while it still grows: loss >= `growth_factor` (2) x the smallest of the previous
+  `growth_window` (10) recorded rows. Sustained for `sustain_steps` (3) rows; the onset is the
+  first row. `error` when the ratio reaches `error_ratio` (1e3) *while still growing*, or the
+  loss turns non-finite after the onset; `warning` when it is still growing at the end of the
+  run. A rise that stopped below `error_ratio` is not reported: a linear loss-weight warm-up
+  looks like that (a ramp stops doubling per window quickly), exponential growth does not.
+- `grad_norm_encoder`, `grad_norm_decoder` (run-wide): a row >= `grad_spike_factor` (100) x the
+  median of the previous `grad_median_window` (20) rows is a spike; `error` from
+  `grad_spike_error_count` (3) spikes on, `warning` below.
+All thresholds are ratios of a quantity to its own history, so no loss scale is assumed.
+Confidence 0.85 for error-level loss growth, 0.6 for a still-elevated loss, 0.5 for spikes alone.
+
+## Fix
+1. Lower the learning rate (10x is a fair first try) and add an LR warm-up.
+2. Clip gradients (`clip_grad_norm_(params, 1.0)`); note that clipping hides spikes from the
+   optimizer but not their cause.
+3. If the growing term is the commitment loss and `||z||` grows, bound the encoder output
+   (LayerNorm after `project_in`, lucidrains #26) or raise the commitment weight (0.25).
+4. Keep the quantizer in float32 under AMP; find the first bad op with anomaly detection.
+
+## References
+- lucidrains/vector-quantize-pytorch #26 (input norm 22 -> 20000, growing loss), #27, #69, #238
+- lucidrains/meshgpt-pytorch #32 (commit loss rising is sometimes benign)
+- facebookresearch/AudioDec #38 (vq_loss rises then fluctuates)
+- van den Oord et al. 2017 (arXiv 1711.00937): commitment beta 0.25
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vqdoctor.rules import _series as S
+from vqdoctor.rules.base import Evidence, Finding, RuleSpec, Severity, rule
+
+SPEC = RuleSpec(code="VQ002", id="loss-divergence",
+                title="Loss or gradient norms growing exponentially or spiking",
+                explains=("non-finite", "scale-mismatch", "dead-codes", "index-collapse"),
+                doc=__doc__)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Thresholds of VQ002."""
+
+    warn_ratio: float = 10.0
+    error_ratio: float = 1e3
+    growth_factor: float = 2.0
+    growth_window: int = 10
+    sustain_steps: int = 3
+    grad_spike_factor: float = 100.0
+    grad_median_window: int = 20
+    grad_spike_error_count: int = 3
+
+
+def _loss(ev: Evidence, p: Params) -> tuple[Severity, float, int, dict[str, Any]] | None:
+    raw = S.column(ev.run_series, "loss", finite=False)
+    if raw is None:
+        return None
+    loss = raw.dropna()  # +Inf stays: a loss that overflows has diverged
+    finite = loss[np.isfinite(loss.to_numpy())]
+    if not len(finite):
+        return None
+    ratio = S.ratio_to_running_min(loss)
+    diverging = (ratio >= p.warn_ratio) & (S.growth(loss, p.growth_window) >= p.growth_factor)
+    start = S.first_sustained(diverging, p.sustain_steps)
+    if start is None:
+        return None
+    tail_ratio = S.after(ratio, start)
+    fin_ratio = tail_ratio[np.isfinite(tail_ratio.to_numpy())]
+    worst = float(fin_ratio.max()) if len(fin_ratio) else float("inf")
+    evidence: dict[str, Any] = {
+        "loss_min": float(finite[finite > 0].min()), "loss_max_finite": float(finite.max()),
+        "loss_ratio_max": worst, "loss_ratio_last": float(ratio.iloc[-1]), "loss_onset_step": start,
+        "loss_log_slope_per_step": S.log_slope(S.after(finite, start))}
+    tail = S.after(raw, start)
+    v = tail.to_numpy()
+    bad = [S.step_of(tail.index[int(np.flatnonzero(np.isinf(v))[0])])] if np.isinf(v).any() else []
+    if np.isnan(v[-1]):  # ends in NaN: the first row of that trailing NaN run
+        fin = np.flatnonzero(np.isfinite(v))
+        bad.append(S.step_of(tail.index[int(fin[-1]) + 1 if len(fin) else 0]))
+    if bad:
+        evidence["loss_nonfinite_step"] = min(b for b in bad if b is not None)
+    if bool((diverging & (ratio >= p.error_ratio)).any()) or bad:
+        return Severity.ERROR, 0.85, start, evidence
+    if S.holds_at_end(diverging):
+        return Severity.WARNING, 0.6, start, evidence
+    return None
+
+
+def _spikes(ev: Evidence, p: Params) -> tuple[int, int | None, dict[str, Any]]:
+    total, first, evidence = 0, None, {}
+    for name in ("grad_norm_encoder", "grad_norm_decoder"):
+        g = S.column(ev.run_series, name)
+        if g is None:
+            continue
+        hit = S.spikes(g, p.grad_spike_factor, p.grad_median_window)
+        if hit.any():
+            n, s = int(hit.sum()), S.step_of(hit[hit].index[0])
+            factor = float((g / S.prior_median(g, p.grad_median_window))[hit].max())
+            evidence |= {f"{name}_spikes": n, f"{name}_first_spike_step": s,
+                         f"{name}_spike_factor_max": factor}
+            total += n
+            first = s if first is None or (s is not None and s < first) else first
+    return total, first, evidence
+
+
+@rule(SPEC, Params)
+def check(ev: Evidence, p: Params) -> Iterator[Finding]:
+    """Yield one run-wide finding when the loss diverges or gradient norms spike."""
+    if ev.run_series is None:
+        return
+    loss = _loss(ev, p)
+    n_spikes, spike_step, evidence = _spikes(ev, p)
+    if loss is None and n_spikes == 0:
+        return
+    parts, severity, confidence, steps = [], Severity.WARNING, 0.5, []
+    if loss is not None:
+        sev, confidence, start, ev_loss = loss
+        severity, steps = sev, [start]
+        evidence |= ev_loss
+        parts.append(f"loss rose to {ev_loss['loss_ratio_max']:.3g}x its minimum "
+                     f"{ev_loss['loss_min']:.3g} (max {ev_loss['loss_max_finite']:.3g}) "
+                     f"from step {start:,}")
+        if "loss_nonfinite_step" in ev_loss:
+            parts.append(f"non-finite from step {ev_loss['loss_nonfinite_step']:,}")
+    if n_spikes:
+        if n_spikes >= p.grad_spike_error_count:
+            severity = Severity.ERROR
+        steps.append(spike_step)
+        parts.append(f"{n_spikes} gradient-norm spike(s) >= {p.grad_spike_factor:g}x the recent median")
+    fix = ("Lower the learning rate (10x) with a warm-up and clip gradients (clip_grad_norm_ 1.0); "
+           "if the commitment term grows with ||z||, add LayerNorm after project_in or raise the "
+           "commitment weight; keep the quantizer in float32 under AMP.")
+    if "loss_nonfinite_step" in evidence:
+        fix += " Find the first non-finite op with torch.autograd.set_detect_anomaly(True)."
+    known = [s for s in steps if s is not None]
+    yield SPEC.finding(severity=severity, confidence=confidence, quantizer=None,
+                       step=min(known) if known else None,
+                       message="; ".join(parts), evidence=evidence, fix=fix)

@@ -1,0 +1,173 @@
+"""VQ004 ema-divergence: EMA codebook statistics inconsistent with the data they track.
+
+## What it detects
+For EMA quantizers (`vq-ema`) only, five sub-causes, named in the message and the fix:
+1. **blow-up rows**: a few code vectors with norms orders of magnitude above the median. The
+   signature of zero-initialised counts without debiasing: an unused code keeps `m = decay*e0`
+   but its smoothed count is ~eps, so `||e|| ~ decay/eps * ||e0||` (~1e5 x) after one step.
+2. **broken invariant**: `embed != embed_avg / smoothed(cluster_size)` on live rows: the codebook
+   is also trained by gradient or edited, eps differs, or rows were overwritten without
+   resetting their statistics.
+3. **low-precision buffers**: EMA buffers stored in float16/bfloat16.
+4. **eval mutation**: buffers changed by forwards in eval mode or under `no_grad`.
+5. **count mass**: the sum of EMA counts far from the tokens per step (x world size).
+
+## Why it matters
+Blown-up rows are never selected again (dead for good); in our toy, used codes fell from 406
+to 6 in one step and perplexity from 199 to 1.7. The same division inflates the *used* codes by
+~decay/((1-decay) x count), so the whole codebook ends up on another scale than its inputs. In bf16 an EMA with decay 0.999 never moves
+(updates round away); fp16 Laplace smoothing underflows to 0, giving Inf/NaN rows. Evaluation
+passes that update the statistics make the codebook track evaluation data and replace codes
+from it (the SPEC's user story kept the VQ in training mode during evaluation).
+
+## Signals and thresholds
+- `blowup_ratio` (max / median code norm) >= `blowup_ratio_warn` (100) with `blowup_rows` > 0;
+  `error` from `blowup_ratio_error` (1e3); the zero-init signature is ~decay/eps (1e4-1e5).
+- `ema_residual_max` (relative, live rows) >= `residual_warn` (0.01); healthy EMA codebooks
+  read 0 to ~3e-6. When `ema_residual_median` also >= `residual_warn`, the break is systematic.
+- `ema_lowp` == 1: float16/bfloat16 EMA buffers.
+- `eval_mutation` > 0 on any recorded step (run): an event, no sustain needed.
+- `ema_count_sum_to_tokens` outside [1/`count_sum_tolerance`, `count_sum_tolerance`] (2) x 1,
+  and outside the same band around the world size (`world_size` in the run scalars): counts
+  all-reduced or not. Replacement adds mass (our toy read 1.36), so the band is wide.
+Run mode: state conditions must hold `sustain_steps` (3) rows and still hold at the end.
+Severity `error` for blow-ups >= `blowup_ratio_error`, otherwise `warning`. Confidence 0.85
+blow-ups, 0.9 eval mutation, 0.8 low precision, 0.6 invariant, 0.5 count mass.
+
+## Fix
+1. Zero-init blow-ups: initialise `cluster_size` to ones or debias the EMA (Sonnet), keep
+   Laplace smoothing with eps >= 1e-5 in float32; or enable k-means init; re-seed blown-up rows.
+2. Eval mutation: put the quantizer in eval mode for evaluation (`model.eval()`), and make sure
+   the library skips EMA updates there.
+3. Low precision: keep `cluster_size`, `embed_avg` and the codebook in float32.
+4. Broken invariant: do not also train an EMA codebook by gradient; reset `embed_avg` and
+   `cluster_size` with any row you overwrite (espnet PR #6284).
+
+## References
+- rosinality/vq-vae-2-pytorch PR #72 (zero counts "divides by ~0")
+- Irie et al. 2023 (zero-init counts hurt; lucidrains switched to ones in v1.15.3, commit 4c514db)
+- van den Oord et al. 2017 (arXiv 1711.00937); google-deepmind/sonnet (debiased EMA, eps 1e-5)
+- ZhikangNiu/encodec-pytorch #8 (fp16 smoothing NaN); lucidrains/vector-quantize-pytorch PR #144/#145
+- facebookresearch/encodec #61, espnet/espnet PR #6284 (replacement without resetting statistics)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vqdoctor.rules import _series as S
+from vqdoctor.rules.base import (
+    Evidence,
+    Finding,
+    QuantizerEvidence,
+    RuleSpec,
+    Severity,
+    iter_quantizers,
+    rule,
+)
+
+SPEC = RuleSpec(code="VQ004", id="ema-divergence",
+                title="EMA statistics inconsistent with the data they track",
+                explains=("non-finite", "scale-mismatch", "dead-codes", "index-collapse",
+                          "loss-divergence"),
+                doc=__doc__)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Thresholds of VQ004."""
+
+    blowup_ratio_warn: float = 100.0
+    blowup_ratio_error: float = 1e3
+    residual_warn: float = 0.01
+    count_sum_tolerance: float = 2.0
+    sustain_steps: int = 3
+
+
+@dataclass(frozen=True)
+class _Sub:
+    key: str
+    severity: Severity
+    confidence: float
+    step: int | None
+    message: str
+    evidence: dict[str, Any]
+    fix: str
+
+
+def _subs(q: QuantizerEvidence, world: float, p: Params) -> Iterator[_Sub]:
+    k = p.sustain_steps
+    h = S.judge(q, "blowup_ratio", lambda v: v >= p.blowup_ratio_warn, k)
+    if h and (rows := S.latest(q, "blowup_rows", 0) or 0) > 0:
+        zero_init = h.last >= p.blowup_ratio_error
+        yield _Sub("blowup", Severity.ERROR if zero_init else Severity.WARNING, 0.85, h.step,
+                   f"{int(rows):,} code rows blown up to {h.last:.3g}x the median norm"
+                   + (" (zero-initialised counts without debiasing: ~decay/eps)" if zero_init else ""),
+                   {"blowup_rows": int(rows), "blowup_ratio": h.last},
+                   "Initialise cluster_size to ones or debias the EMA (Sonnet), keep Laplace smoothing "
+                   "with eps >= 1e-5 in float32, or enable k-means init; re-seed the blown-up rows.")
+    if h := S.judge(q, "eval_mutation", lambda v: v > 0, 1, at_end=False):
+        yield _Sub("eval_mutation", Severity.WARNING, 0.9, h.step,
+                   f"EMA buffers changed by eval/no-grad forwards ({h.rows} step(s), up to {h.worst:g})",
+                   {"eval_mutation_steps": h.rows, "eval_mutation_max": h.worst},
+                   "Call model.eval() (or quantizer.eval()) for evaluation passes so they do not update "
+                   "the EMA statistics or replace codes from evaluation data.")
+    if h := S.judge(q, "ema_lowp", lambda v: v >= 1, 1):
+        yield _Sub("lowp", Severity.WARNING, 0.8, h.step,
+                   "EMA buffers stored in float16/bfloat16 (updates round away, smoothing underflows)",
+                   {"ema_lowp": 1}, "Keep cluster_size, embed_avg and the codebook in float32 "
+                   "(exclude the quantizer from .half() and autocast).")
+    if h := S.judge(q, "ema_residual_max", lambda v: v >= p.residual_warn, k):
+        med = S.latest(q, "ema_residual_median")
+        systematic = med is not None and med >= p.residual_warn
+        yield _Sub("invariant", Severity.WARNING, 0.6, h.step,
+                   f"codebook != embed_avg / smoothed counts by up to {h.last:.3g} (relative)"
+                   + (f", median {med:.3g}: systematic" if systematic else " on some rows"),
+                   {"ema_residual_max": h.last, "ema_residual_median": med},
+                   "Most rows disagree with their statistics: do not also train an EMA codebook by "
+                   "gradient (learnable codebook, optimizer), and check that eps matches the library."
+                   if systematic else
+                   "Reset embed_avg and cluster_size together with any row you overwrite "
+                   "(espnet PR #6284); otherwise the next EMA step undoes it.")
+    tol = math.log(p.count_sum_tolerance)
+
+    def off(v: Any) -> Any:
+        return (abs(_log(v)) >= tol) & (abs(_log(v / world)) >= tol)
+
+    if h := S.judge(q, "ema_count_sum_to_tokens", off, k):
+        low = h.last < 1
+        yield _Sub("count_mass", Severity.WARNING, 0.5, h.step,
+                   f"EMA counts hold {h.last:.3g}x the tokens per step (world size {world:g})",
+                   {"ema_count_sum_to_tokens": h.last, "world_size": world},
+                   "Counts still warming up from zero without debiasing (sum = n(1-decay^t)): "
+                   "initialise them to ones or debias." if low else
+                   "Extra mass enters the counts: replacement resetting counts to a threshold, or "
+                   "evaluation forwards updating them; reset counts to a value below n/K.")
+
+
+def _log(v: Any) -> Any:
+    return np.log(np.maximum(v, 1e-300))
+
+
+@rule(SPEC, Params)
+def check(ev: Evidence, p: Params) -> Iterator[Finding]:
+    """Yield one finding per EMA quantizer, naming every sub-cause seen (worst first)."""
+    world = float(ev.run.get("world_size", 1) or 1)
+    for q in iter_quantizers(ev, kinds=("vq-ema",)):
+        subs = sorted(_subs(q, world, p), key=lambda s: (s.severity.rank, -s.confidence))
+        if not subs:
+            continue
+        top = subs[0]
+        steps = [s.step for s in subs if s.step is not None]
+        evidence: dict[str, Any] = {"sub_causes": [s.key for s in subs]}
+        for s in subs:
+            evidence |= {k: v for k, v in s.evidence.items() if v is not None}
+        also = "; also: " + "; ".join(s.message for s in subs[1:]) if len(subs) > 1 else ""
+        yield SPEC.finding(severity=top.severity, confidence=top.confidence, quantizer=q.name,
+                           step=min(steps) if steps else None, message=top.message + also,
+                           evidence=evidence, fix=" ".join(dict.fromkeys(s.fix for s in subs)))

@@ -1,0 +1,159 @@
+"""VQ005 dead-codes: many codes never or rarely selected.
+
+## What it detects
+A large fraction of the codebook that the data do not use. From EMA counts (a count below 1% of
+the expected `n/K`), from a probe with enough vectors, from optimizer state (rows whose Adam
+second moment is exactly 0 never received a gradient), from FSQ level use and LFQ bit balance,
+and in a run from the EMA counts or the window usage. The mechanism the SPEC names is dead codes
+*while the scales match*; when another mechanism (scale mismatch, EMA blow-ups, churn) is found,
+ranking names it in `caused_by`.
+
+## Why it matters
+A dead code costs capacity and never recovers by itself: the straight-through estimator gives
+gradient only to selected codes, and an unused EMA code decays towards 0 (or blows up with
+zero-initialised counts). Usage falls with code dimension and codebook size (CelebA K=512:
+100% at dim 4-8, 56% at dim 64; 16% at K=2048). LaBraM #37 logged "Unused code in codebook: 8191".
+
+## Signals and thresholds
+Fraction of dead codes `d`, `warning` from `warn_fraction` (0.25), `error` from
+`error_fraction` (0.5), from the first signal available:
+- Run: `dead_fraction` series (EMA counts), else `1 - usage_window`; rows where `window_tokens`
+  < `min_tokens_per_code` (4) x K are skipped (too few vectors to hit every code).
+- Checkpoint: the larger of `dead_fraction` (EMA counts below 0.01 x `count_expected`: the
+  history) and `probe_dead_fraction` (the current codebook on real inputs, used when
+  `probe_tokens` >= `min_tokens_per_code` x K).
+- Otherwise `optim_rows_no_grad_fraction` below 1 (gradient codebooks; 1 is a frozen codebook,
+  VQ008).
+- FSQ: `1 - fsq_level_usage_min` (a dimension using u of its levels leaves at most u of the
+  grid reachable). LFQ: a bit with `lfq_bit_balance_min` <= `stuck_bit_balance` (0.01) leaves
+  half of the codes unused, so `d` = 0.5.
+Run mode: sustained `sustain_steps` (3) rows and still true at the end. Thresholds are
+fractions of K, and the count cut-off is relative to n/K, so they hold for any K and batch size.
+Confidence 0.9 counts/run, 0.75 probe, 0.6 optimizer state, FSQ and LFQ.
+
+## Fix
+1. Data-dependent init: k-means on encoder outputs (`kmeans_init=True`; encodec uses 50 iterations).
+2. Dead-code replacement with a threshold relative to n/K (e.g. 0.1-0.5 x `count_expected`;
+   SoundStream: EMA count < 2 at decay 0.99; Jukebox restarts), resetting the EMA statistics too.
+3. Lower the lookup dimension (factorized codes, 8-32-d) or l2-normalise codes and inputs
+   (ViT-VQGAN; CelebA dim 64: 56% -> 98%).
+4. Rotation trick or affine reparameterisation (Fifty et al. 2024; Huh et al. 2023); smaller K; FSQ.
+
+## References
+- Huh et al. 2023 (arXiv 2305.08842): index collapse, affine reparameterisation
+- Yu et al. 2021, ViT-VQGAN (arXiv 2110.04627); Dhariwal et al. 2020, Jukebox (random restarts)
+- Lancucki et al. 2020 (arXiv 2005.08520): data-dependent re-initialisation
+- Fifty et al. 2024 (arXiv 2410.06424): rotation trick; lucidrains/vector-quantize-pytorch #205, PR #164
+- lucidrains/vector-quantize-pytorch PR #4 (SoundStream threshold), 935963004/LaBraM #37
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vqdoctor.rules import _series as S
+from vqdoctor.rules.base import Evidence, Finding, QuantizerEvidence, RuleSpec, Severity, rule
+
+SPEC = RuleSpec(code="VQ005", id="dead-codes", title="Many codes never or rarely selected",
+                explains=("index-collapse",), doc=__doc__)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Thresholds of VQ005."""
+
+    warn_fraction: float = 0.25
+    error_fraction: float = 0.5
+    min_tokens_per_code: float = 4.0
+    stuck_bit_balance: float = 0.01
+    sustain_steps: int = 3
+
+
+def _run_dead(q: QuantizerEvidence, p: Params) -> tuple[str, Any] | None:
+    """(source, per-step dead fraction) from the run series, None when not recorded."""
+    if (d := S.qcol(q, "dead_fraction")) is not None:
+        return "dead_fraction", d
+    if (u := S.qcol(q, "usage_window")) is None:
+        return None
+    if (wt := S.qcol(q, "window_tokens")) is not None:  # skip windows too short to hit every code
+        u = u[(wt.reindex(u.index).ffill() >= p.min_tokens_per_code * q.codebook_size).to_numpy()]
+    return "usage_window", 1 - u
+
+
+def _dead(q: QuantizerEvidence, p: Params) -> tuple[str, float, int | None, float] | None:
+    """(source, dead fraction, onset step, confidence) from the best available signal."""
+    K = q.codebook_size
+    if (run := _run_dead(q, p)) is not None:
+        source, s = run
+        step = S.onset(s >= p.warn_fraction, p.sustain_steps) if len(s) else None
+        return None if step is None else (source, float(s.iloc[-1]), step, 0.9)
+    # EMA counts (history) and a probe (the current codebook on real inputs) can disagree; the
+    # worse of the two is reported. Optimizer state, FSQ and LFQ signals are fallbacks.
+    primary = [(d, c, src) for src, d, c in (
+        ("dead_fraction", q.m("dead_fraction"), 0.9),
+        ("probe_dead_fraction", q.m("probe_dead_fraction")
+         if q.m("probe_tokens", 0) >= p.min_tokens_per_code * K else None, 0.75)) if d is not None]
+    fallback = [("optim_rows_no_grad_fraction", q.m("optim_rows_no_grad_fraction")
+                 if q.m("optim_rows_no_grad_fraction", 1.0) < 1 else None, 0.6)]
+    if q.kind == "fsq" and (u := q.m("fsq_level_usage_min")) is not None:
+        fallback.append(("fsq_level_usage_min", 1 - u, 0.6))
+    if q.kind == "lfq" and (b := q.m("lfq_bit_balance_min")) is not None:
+        fallback.append(("lfq_bit_balance_min", 0.5 if b <= p.stuck_bit_balance else 0.0, 0.6))
+    if not primary:
+        primary = [(d, c, src) for src, d, c in fallback if d is not None][:1]
+    if not primary:
+        return None
+    d, conf, source = max(primary)
+    return (source, d, None, conf) if d >= p.warn_fraction else None
+
+
+def _fix(q: QuantizerEvidence) -> str:
+    exp = S.latest(q, "count_expected")
+    steps = []
+    if q.m("initted") == 0:
+        steps.append("k-means init has not run (initted is False): run a training forward first or "
+                     "enable kmeans_init=True")
+    else:
+        steps.append("initialise the codebook from data (k-means on encoder outputs, kmeans_init=True)")
+    thr = f" (e.g. {0.25 * exp:.3g} = 0.25 x the expected {exp:.3g} per code)" if exp else ""
+    steps.append("replace dead codes with recent encoder outputs, threshold relative to n/K" + thr
+                 + ", resetting their EMA statistics")
+    if q.dim >= 16:
+        steps.append(f"lower the lookup dimension from {q.dim} to 8-32 (factorized codes) or "
+                     "l2-normalise codes and inputs")
+    if q.kind == "fsq":
+        steps = ["use more evenly spread FSQ levels or a bound that does not saturate (iFSQ)"]
+    elif q.kind == "lfq":
+        steps = ["a bit is stuck: put a normalisation (GroupNorm, affine=False) before LFQ (lucidrains "
+                 "PR #89) and check the entropy-loss weight and sign"]
+    text = "; ".join(steps) + "."
+    return text[0].upper() + text[1:]
+
+
+@rule(SPEC, Params)
+def check(ev: Evidence, p: Params) -> Iterator[Finding]:
+    """Yield one finding per quantizer with a dead fraction at or above `warn_fraction`."""
+    for q in ev.quantizers:
+        found = _dead(q, p)
+        if found is None:
+            continue
+        source, d, step, conf = found
+        K, exp = q.codebook_size, S.latest(q, "count_expected")
+        evidence: dict[str, Any] = {"dead_fraction": d, "dead_codes": round(d * K),
+                                    "codebook_size": K, "source": source}
+        for k in ("count_expected", "dead_fraction_abs", "zero_row_fraction", "usage_window",
+                  "probe_tokens", "scale_ratio"):
+            if (v := S.latest(q, k)) is not None:
+                evidence[k] = v
+        why = {"dead_fraction": f"; EMA counts below 1% of the expected {exp:.3g} per code"
+               if exp else "", "usage_window": " over the usage window",
+               "probe_dead_fraction": " by the probe", "optim_rows_no_grad_fraction":
+               " (rows that never received a gradient)", "fsq_level_usage_min":
+               " (FSQ levels unused)", "lfq_bit_balance_min": " (an LFQ bit is stuck)"}[source]
+        yield SPEC.finding(
+            severity=Severity.ERROR if d >= p.error_fraction else Severity.WARNING,
+            confidence=conf, quantizer=q.name, step=step,
+            message=f"{round(d * K):,}/{K:,} codes dead ({d:.1%}){why}",
+            evidence=evidence, fix=_fix(q))

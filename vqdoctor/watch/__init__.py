@@ -1,0 +1,403 @@
+"""Live watching of a training: `with vqdoctor.watch(model) as doctor: ...`.
+
+```python
+import vqdoctor
+with vqdoctor.watch(model, run_dir="runs/vq") as doctor:   # finds the quantizers itself
+    for batch in loader:
+        loss = train_step(batch)
+        doctor.step(loss=loss)          # optional where an optimizer step is seen
+report = doctor.report()                # or vqdoctor.report("runs/vq") later, offline
+df = vqdoctor.load_run("runs/vq")       # per-step metrics as a DataFrame
+```
+
+The module itself is callable (`vqdoctor.watch(model, ...)` is `vqdoctor.watch.watch`), so the
+package and the function can share the name. Internals: `live` (finding quantizers), `hooks`
+(the recorder), `store` (the run directory and its schema), `report` (diagnosis from a store),
+`stats` (host-side arithmetic).
+
+torch.compile: hooks run outside compiled graphs (`torch._dynamo.disable`, or the outermost
+`OptimizedModule` of a compiled quantizer), so a compiled model graph-breaks around each
+quantizer and trains normally; see `COMPILE_NOTES`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vqdoctor.errors import NoQuantizerError
+from vqdoctor.watch.live import LiveQuantizer, LiveSpec, register_adapter
+from vqdoctor.watch.store import (
+    SCHEMA_VERSION,
+    RunStore,
+    WatchWarning,
+    load_records,
+    load_run,
+    now_iso,
+)
+
+DEFAULT_ROOT = "vqdoctor-runs"
+
+COMPILE_NOTES = """\
+Under torch.compile (whole model or the quantizer alone) the watch records every signal it
+records in eager mode: usage counts, perplexity, windowed usage, cadence statistics (scale,
+quantization error, non-finite counts, EMA drift, eval mutations) and the straight-through
+gradients, because its hooks run eagerly: dynamo graph-breaks around them. The costs: one
+graph break per quantizer (compiled code runs before and after it), and the encoder/decoder
+split of gradient norms falls back to module registration order (the one-time trace of the
+first forward is skipped so the compiled graphs are not recompiled for it). A model compiled
+*after* the watch started with dynamo not yet imported is traced with the hooks inlined; they
+detect that (`torch.compiler.is_compiling()`) and record nothing for it."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A finding seen while the run was being recorded.
+
+    Attributes:
+        id: failure-mode id, e.g. "dead-codes".
+        code: e.g. "VQ005".
+        severity: "error" or "warning".
+        quantizer: quantizer name, None for run-wide findings.
+        step: the step at which the condition first held.
+        message: one line.
+        confidence: 0..1.
+    """
+
+    id: str
+    code: str
+    severity: str
+    quantizer: str | None
+    step: int | None
+    message: str
+    confidence: float
+
+
+def _rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:
+        pass
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def default_run_dir(world_size: int = 1) -> Path:
+    """A new folder under ./vqdoctor-runs/: timestamp plus a random suffix (from `secrets`, not torch).
+
+    Under data parallelism every rank must agree on it: `VQDOCTOR_RUN_DIR` wins when set,
+    otherwise the name is derived from the rendezvous (TORCHELASTIC_RUN_ID, MASTER_ADDR/PORT).
+    """
+    env = os.environ.get("VQDOCTOR_RUN_DIR")
+    if env:
+        return Path(env)
+    if world_size > 1:
+        import hashlib
+
+        key = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
+                                                          "GROUP_WORLD_SIZE"))
+        return Path(DEFAULT_ROOT) / f"ddp-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    return Path(DEFAULT_ROOT) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+class Doctor:
+    """A live watch over one model (returned by `vqdoctor.watch`; use it as a context manager).
+
+    Attributes:
+        run_dir: where the run is recorded.
+        rank: this process's data-parallel rank.
+        world_size: data-parallel world size.
+        quantizers: the live quantizers found (names, modules, readers).
+    """
+
+    def __init__(self, model: Any, run_dir: str | os.PathLike[str] | None = None, *, flush_every: int = 50,
+                 stats_every: int = 10, window: int | None = None,
+                 quantizers: Sequence[Any] | None = None, fsync: bool = False, hist_every: int | None = None,
+                 start_step: int = 0, on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
+                 command: list[str] | None = None):
+        from vqdoctor import __version__
+
+        self.model = model
+        self.rank, self.world_size = _rank_world()
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(self.world_size)
+        self._named = quantizers
+        self.config = {"flush_every": int(flush_every), "stats_every": int(stats_every),
+                       "window": None if window is None else int(window),
+                       "hist_every": int(hist_every or flush_every), "fsync": bool(fsync),
+                       "start_step": int(start_step)}
+        self._callbacks = [on_flush] if on_flush is not None else []
+        self.quantizers: list[LiveQuantizer] = []
+        self.store = RunStore(self.run_dir, rank=self.rank, fsync=bool(fsync))
+        self.store.meta = {
+            "schema_version": SCHEMA_VERSION, "tool": {"name": "vqdoctor", "version": __version__},
+            "created": now_iso(), "ended": None, "status": "running", "command": command,
+            "cwd": os.getcwd(), "torch": _torch_version(), "world_size": self.world_size,
+            "config": dict(self.config), "quantizers": [], "steps": None,
+        }
+        self._recorder = None
+        self._alerts: dict[tuple[str, str | None], Alert] = {}
+        self._alerts_at = -1
+        self.started = False
+        self.closed = False
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> Doctor:
+        """Find the quantizers, open the run directory and attach the hooks.
+
+        Raises:
+            NoQuantizerError: a quantizer named in `quantizers=` was not found (nothing else
+                raises: a model without any quantizer is watched for run-wide signals only).
+        """
+        if self.started:
+            return self
+        from vqdoctor.watch.hooks import Recorder
+        from vqdoctor.watch.live import find_quantizers
+
+        events: list[dict[str, Any]] = []
+        try:
+            self.quantizers = find_quantizers(self.model, self._named)
+        except NoQuantizerError:
+            raise
+        except Exception as e:  # a discovery bug must not stop the training
+            self.quantizers = []
+            msg = f"vqdoctor: quantizer discovery failed ({type(e).__name__}: {e}); watching run-wide signals only"
+            warnings.warn(msg, WatchWarning, stacklevel=2)
+            events.append({"t": "event", "step": self.config["start_step"], "level": "error", "message": msg})
+        if not self.quantizers:
+            msg = ("vqdoctor: no quantizer found in the model; watching run-wide signals only "
+                   "(name one with quantizers=[...] or vqdoctor.register_adapter)")
+            warnings.warn(msg, WatchWarning, stacklevel=2)
+            events.append({"t": "event", "step": self.config["start_step"], "level": "warning", "message": msg})
+        described = []
+        for q in self.quantizers:
+            d = q.describe()
+            if q.notes:
+                d["notes"] = list(dict.fromkeys(q.notes))
+            described.append(d)
+        self.store.meta["quantizers"] = described
+        self.store.open()
+        self.store.write_meta()
+        self.store.append([{"t": "start", "rank": self.rank, "world_size": self.world_size, "pid": os.getpid(),
+                            "time": now_iso(), "step": self.config["start_step"], "quantizers": described,
+                            "config": dict(self.config)}, *events])
+        rec = Recorder(self.model, self.quantizers, self.store, flush_every=self.config["flush_every"],
+                       stats_every=self.config["stats_every"], window=self.config["window"],
+                       hist_every=self.config["hist_every"], start_step=self.config["start_step"],
+                       world_size=self.world_size)
+        rec.on_flush.extend(self._callbacks)
+        rec.attach()
+        self._recorder = rec
+        self.started = True
+        return self
+
+    def close(self, status: str = "finished") -> None:
+        """Detach every hook, flush what is left, write the end-of-run records and metadata.
+
+        Args:
+            status: "finished" or "failed" (written to meta.json and the `end` record).
+        """
+        if self.closed or not self.started:
+            self.closed = True
+            return
+        self.closed = True
+        rec = self._recorder
+        try:
+            rec.detach()
+        finally:
+            try:
+                if rec.pending:
+                    rec.pending = False
+                    rec._advance()
+                rec.flush(final=True)
+                rec.closed = True
+                self.store.append(self._codebook_records(rec) + [{"t": "end", "step": rec.step, "status": status}])
+                self.store.meta.update(status=status, ended=now_iso(), steps=rec.step - rec.start_step)
+                if rec.window_steps is not None:
+                    self.store.meta["config"]["window"] = rec.window_steps
+                self.store.write_meta()
+            except Exception as e:  # closing must never turn a finished training into a crash
+                warnings.warn(f"vqdoctor: could not finish the run record ({type(e).__name__}: {e})",
+                              WatchWarning, stacklevel=2)
+            finally:
+                rec.closed = True
+                self.store.close()
+
+    def _codebook_records(self, rec: Any) -> list[dict[str, Any]]:
+        """Checkpoint-style metrics of each live codebook at the end of the session."""
+        import dataclasses
+
+        import torch
+
+        try:
+            from vqdoctor.metrics.codebook import codebook_metrics
+        except ImportError:  # pragma: no cover - metrics package not built yet
+            return []
+        out = []
+        for q in self.quantizers:
+            try:
+                with torch.no_grad():
+                    cb = q.codebook()
+                    n = q.counts()
+                    st = dataclasses.replace(
+                        q.state,
+                        codebook=None if cb is None else cb.detach().float().cpu().clone(),
+                        cluster_size=None if n is None else n.detach().float().cpu().clone(),
+                        embed_avg=None, optimizer=None)
+                m = codebook_metrics(st)
+                out.append({"t": "codebook", "step": rec.step, "q": q.name, **m})
+            except Exception as e:
+                out.append({"t": "event", "step": rec.step, "level": "info", "q": q.name,
+                            "message": f"end-of-run codebook metrics unavailable ({type(e).__name__}: {e})"})
+        return out
+
+    def __enter__(self) -> Doctor:
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.close("failed" if exc_type is not None else "finished")
+        return False
+
+    # -------------------------------------------------------------- during training
+
+    def step(self, loss: Any = None) -> None:
+        """End the current training step (optionally recording its loss).
+
+        Calling it makes it the step clock (optimizer steps are then not counted). The loss may
+        be a tensor (copied on the device, no synchronisation) or a float.
+        """
+        if self._recorder is not None and not self.closed:
+            self._recorder.user_step(loss)
+
+    @property
+    def current_step(self) -> int:
+        """Number of the step being recorded now."""
+        return self._recorder.step if self._recorder is not None else int(self.config["start_step"])
+
+    def flush(self) -> None:
+        """Copy out and record everything up to the current step now (normally every flush_every steps)."""
+        rec = self._recorder
+        if rec is None or self.closed:
+            return
+        if rec.pending and not rec.explicit:
+            rec.pending = False
+            rec._advance()
+        if rec.step > rec.interval_start:
+            rec.flush()
+
+    def on_flush(self, fn: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Call `fn(records)` after each flush with the records just written (the live panel's feed)."""
+        if self._recorder is not None:
+            self._recorder.on_flush.append(fn)
+        else:
+            self._callbacks.append(fn)
+
+    def _records(self) -> tuple[dict[str, Any], dict[int, list[dict[str, Any]]]]:
+        if self.store.failed:
+            return dict(self.store.meta), {self.rank: _after_last_start(self.store.memory)}
+        meta, streams = load_records(self.run_dir)
+        return meta or dict(self.store.meta), streams
+
+    def report(self, thresholds: dict[str, dict[str, Any]] | None = None):
+        """Flush, then the ranked diagnosis of everything recorded so far (`vqdoctor.report.Report`)."""
+        from vqdoctor.watch.report import build_report
+
+        self.flush()
+        meta, streams = self._records()
+        return build_report(meta, streams, [str(self.run_dir)], thresholds)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Findings (error/warning) seen so far, each with the step at which it first held.
+
+        Computed from the records flushed so far when read (so it costs nothing while nobody
+        looks); a finding keeps the earliest step it was ever seen at.
+        """
+        rec = self._recorder
+        if rec is not None and rec.interval != self._alerts_at:
+            self._alerts_at = rec.interval
+            try:
+                from vqdoctor.watch.report import build_report
+
+                meta, streams = self._records()
+                for f in build_report(meta, streams, [str(self.run_dir)]).findings:
+                    if f.severity not in ("error", "warning"):
+                        continue
+                    key = (f.id, f.quantizer)
+                    old = self._alerts.get(key)
+                    if old is None or (f.step is not None and (old.step is None or f.step < old.step)):
+                        self._alerts[key] = Alert(f.id, f.code, f.severity, f.quantizer, f.step, f.message,
+                                                  f.confidence)
+            except Exception as e:
+                warnings.warn(f"vqdoctor: alerts unavailable ({type(e).__name__}: {e})", WatchWarning, stacklevel=2)
+        return sorted(self._alerts.values(), key=lambda a: (a.step is None, a.step or 0, a.id))
+
+
+def _after_last_start(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    idx = max((i for i, r in enumerate(records) if r.get("t") == "start"), default=0)
+    return list(records[idx:])
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def watch(model: Any, run_dir: str | os.PathLike[str] | None = None, *, flush_every: int = 50,
+          stats_every: int = 10, window: int | None = None, quantizers: Sequence[Any] | None = None,
+          fsync: bool = False, hist_every: int | None = None, start_step: int = 0,
+          on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
+          command: list[str] | None = None) -> Doctor:
+    """Watch a model while it trains; use the result as a context manager.
+
+    Args:
+        model: the model (may be wrapped in DDP or torch.compile).
+        run_dir: where to record (default: a new folder under ./vqdoctor-runs/).
+        flush_every: steps between device->host copies (records appear on disk at each).
+        stats_every: steps between cadence statistics (scale, drift, gradients, ...).
+        window: steps of the windowed usage metrics (default: max(100, 4K / tokens per step),
+            at most 5000).
+        quantizers: module paths or modules to watch (default: all found).
+        fsync: os.fsync the stream at each flush.
+        hist_every: steps between usage-histogram records (default: flush_every).
+        start_step: number of the first step (e.g. when resuming).
+        on_flush: called with the records of each flush.
+        command: the command line, for meta.json (the launcher sets it).
+
+    Returns:
+        The `Doctor`; hooks are attached on `__enter__` (or `start()`).
+    """
+    return Doctor(model, run_dir, flush_every=flush_every, stats_every=stats_every, window=window,
+                  quantizers=quantizers, fsync=fsync, hist_every=hist_every, start_step=start_step,
+                  on_flush=on_flush, command=command)
+
+
+def report(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None):
+    """Ranked diagnosis of a recorded run (`vqdoctor.watch.report.report_run`)."""
+    from vqdoctor.watch.report import report_run
+
+    return report_run(run_dir, thresholds)
+
+
+class _CallableModule(types.ModuleType):
+    """`vqdoctor.watch(...)` works although `vqdoctor.watch` is this package."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Doctor:
+        return watch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["COMPILE_NOTES", "Alert", "Doctor", "LiveSpec", "WatchWarning", "default_run_dir", "load_run",
+           "register_adapter", "report", "watch"]

@@ -1,0 +1,1133 @@
+"""The recorder: hooks on the quantizer modules, device-side accumulation, host-side flushes.
+
+What runs when (per quantizer; K codes, H heads, F = flush_every, C = stats_every):
+
+- **Every training forward** (forward hook; a forward is "training" when the module is in train
+  mode and grad is enabled): the code indices are taken from the module's output (the first
+  integer tensor found in it) and counted into the device row `counts[step % F]` with
+  `torch.remainder` (folds -1 / out-of-range indices into a junk bin, so a bad index can never
+  trigger a device-side assert) and one `scatter_add_`: **2 kernels** (+1 to offset heads,
+  +1 to widen int32 indices). The slot index is a Python int: no synchronisation.
+- **Every C steps** (cadence; first training forward of the step): median ||z_e|| over the first
+  `SAMPLE_ROWS` input vectors (deterministic; never consumes RNG), median code norm,
+  relative quantization error, non-finite counts of input / output / quantizer buffers, EMA
+  drift (distance to the codebook snapshot of the previous cadence step, rows that jumped =
+  replaced codes), the sum of the EMA counts; all written into the device row
+  `stats[step % F]` with one copy. Straight-through: `Tensor.register_hook` on the module's
+  quantized output and on its input record |g_out|, |g_in| and <g_in, g_out> during backward.
+  In the optimizer pre-step hook: gradient norms of encoder-side, quantizer and decoder-side
+  parameters with `torch._foreach_norm`, and of each codebook Parameter.
+- **Every forward in eval mode or under no_grad**: quantizer buffers are compared before and
+  after the forward (Python version counters and object identity, plus a device comparison
+  against a snapshot because libraries update buffers through `.data`, which bypasses version
+  counters) and changed forwards are counted (`eval_mutation`). Not counted as usage.
+- **`doctor.step(loss=...)`**: the loss is copied into the device row `run[step % F]`
+  (`copy_`, no `.item()`); a Python float is kept on the host.
+- **Every F steps** (flush): one device->host copy of the single flat buffer holding all of the
+  above, then per-step metrics are computed on the host (perplexity, entropy, windowed usage,
+  dead fraction, scale ratio, ...) and appended to the run store. The only synchronisation of
+  the watch happens here.
+
+Nothing in the per-step or cadence paths reads a tensor value on the host (`.item()`,
+`.cpu()`, `.tolist()`, `bool(t)`), or creates a data-dependent shape (`unique`, `nonzero`,
+boolean masks): every result stays a device tensor of fixed shape until the flush.
+
+The step clock: when the user calls `doctor.step()`, that call is the clock. Otherwise an
+optimizer step (global `register_optimizer_step_post_hook`) of an optimizer holding model
+parameters ends the step, provided a training forward of a quantizer happened since the last
+step; the advance is applied lazily at the next training forward (or at `doctor.step`, or at
+exit), so a user who also calls `doctor.step` is never double counted.
+
+Never breaks training: every hook body is guarded; an exception disables that probe only,
+is recorded once as an `event` record and warned once (`WatchWarning`); all hooks are removed
+on close. The model's mode, parameters, buffers, gradients and RNG streams are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vqdoctor.watch import stats as S
+from vqdoctor.watch.live import LiveQuantizer, ModuleIndex, contains_compiled
+from vqdoctor.watch.store import RunStore, WatchWarning
+
+# Input vectors used for cadence statistics: the first rows, in memory order (deterministic).
+SAMPLE_ROWS = 4096
+# Fingerprint (world size > 1): codebook rows sampled at fixed positions, and block sums.
+FP_ROWS = 8
+FP_BLOCKS = 16
+# A codebook row "jumped" (was replaced) when it moved by more than this x the median code norm
+# between two cadence snapshots.
+JUMP_REL = 0.5
+
+# Input rows compared with every code for the nearest-code distance, and codes (evenly spaced,
+# fixed) whose pairwise distances give the typical code spacing: bounded work for any K.
+NN_ROWS = 512
+SPACING_CODES = 256
+
+# per-quantizer cadence columns; the forward-time block [0, N_FWD) is written with one copy
+Z_NORM, CODE_NORM, QERR, NF_IN, NF_OUT, NF_BUF, DRIFT_NORM, JUMPED, COUNT_SUM, NEAREST, SPACING = range(11)
+N_FWD = 11
+ST_GOUT, ST_GIN, ST_DOT, GN_CB = 11, 12, 13, 14
+NST = 15
+# run-wide columns
+LOSS, GN_ENC, GN_DEC, GN_QUANT, NF_GRAD = range(5)
+NRUN = 5
+
+# projections that are safe to apply again on the side (no RNG, no state): evaluated functionally
+_SAFE_PROJ = (nn.Linear, nn.LayerNorm, nn.Identity, nn.Sequential)
+
+
+def _dynamo_disable(fn: Callable) -> Callable:
+    """`torch._dynamo.disable(fn)` when dynamo is loaded (a compiled model graph-breaks around the
+    hook and runs it eagerly); otherwise `fn` itself, so plain eager training does not pay the
+    dynamo import."""
+    if "torch._dynamo" in sys.modules:
+        try:
+            return sys.modules["torch._dynamo"].disable(fn)
+        except Exception:  # pragma: no cover - very old torch
+            return fn
+    return fn
+
+
+def _is_compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def find_tensor(obj: Any, want: Callable[[torch.Tensor], bool], depth: int = 0,
+                path: tuple = ()) -> tuple[torch.Tensor, tuple] | None:
+    """First tensor in a nested output (tuple, list, dict, dataclass, ModelOutput) satisfying `want`.
+
+    Returns (tensor, path) where path replays the lookup with `follow`.
+    """
+    if depth > 6:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return (obj, path) if want(obj) else None
+    if isinstance(obj, (tuple, list)):
+        items: Iterable = enumerate(obj)
+    elif isinstance(obj, dict):
+        items = obj.items()
+    elif hasattr(obj, "__dataclass_fields__"):
+        items = ((f, getattr(obj, f, None)) for f in obj.__dataclass_fields__)
+    else:
+        return None
+    for k, v in items:
+        hit = find_tensor(v, want, depth + 1, (*path, k))
+        if hit is not None:
+            return hit
+    return None
+
+
+def follow(obj: Any, path: tuple) -> Any:
+    """Replay a `find_tensor` path; None when it no longer fits."""
+    for k in path:
+        try:
+            obj = obj[k] if isinstance(obj, (tuple, list, dict)) else getattr(obj, k)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+    return obj
+
+
+def _is_index(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.numel() > 0
+
+
+def _functional_projection(proj: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A side-effect-free re-evaluation of a `project_in` made of Linear / LayerNorm / Identity.
+
+    Calling the module itself would fire the user's hooks on it; anything else (dropout, custom
+    code) might consume RNG or hold state, so such projections are not re-evaluated at all.
+    """
+    if proj is None:
+        return None
+    mods: list[nn.Module] = []
+    stack = [proj]
+    while stack:
+        m = stack.pop(0)
+        if isinstance(m, nn.Sequential):
+            stack = list(m) + stack
+            continue
+        if not isinstance(m, _SAFE_PROJ):
+            return None
+        mods.append(m)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for m in mods:
+            if isinstance(m, nn.Linear):
+                x = torch.nn.functional.linear(x, m.weight, m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                x = torch.nn.functional.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+        return x
+
+    return run
+
+
+class _Arena:
+    """One flat float32 device buffer holding every slot buffer, so a flush is one copy.
+
+    Layout: [counts of all quantizers | eval-mutation counters] (reset to 0), then
+    [run rows | stats rows of all quantizers | fingerprints] (reset to NaN).
+    """
+
+    def __init__(self, device: torch.device, F: int, widths: list[int], fp_sizes: list[int]):
+        nq = len(widths)
+        n_zero = sum(F * w for w in widths) + nq * F
+        n_nan = F * NRUN + nq * F * NST + sum(fp_sizes)
+        self.n_zero = n_zero
+        self.buf = torch.zeros(n_zero + n_nan, dtype=torch.float32, device=device)
+        self.buf[n_zero:].fill_(float("nan"))
+        off = 0
+        self.counts: list[torch.Tensor] = []
+        for w in widths:
+            self.counts.append(self.buf[off: off + F * w].view(F, w))
+            off += F * w
+        self.evalmut: list[torch.Tensor] = []
+        for _ in widths:
+            self.evalmut.append(self.buf[off: off + F])
+            off += F
+        self.run = self.buf[off: off + F * NRUN].view(F, NRUN)
+        off += F * NRUN
+        self.stats: list[torch.Tensor] = []
+        for _ in widths:
+            self.stats.append(self.buf[off: off + F * NST].view(F, NST))
+            off += F * NST
+        self.fp: list[torch.Tensor] = []
+        for n in fp_sizes:
+            self.fp.append(self.buf[off: off + n])
+            off += n
+        # per-slot views made once: indexing a tensor costs microseconds of Python per step
+        self.count_rows = [list(c.unbind(0)) for c in self.counts]
+        self.loss_cells = list(self.run[:, LOSS].unbind(0))
+
+    def reset(self) -> None:
+        self.buf[: self.n_zero].zero_()
+        self.buf[self.n_zero:].fill_(float("nan"))
+
+
+class _QProbe:
+    """Per-quantizer state of the recorder (host side) and its device views."""
+
+    def __init__(self, rec: Recorder, i: int, q: LiveQuantizer):
+        self.rec = rec
+        self.i = i
+        self.q = q
+        self.K = q.codebook_size
+        self.Kp = self.K + 1  # + junk bin
+        self.H = max(1, q.index_heads)
+        self.width = self.H * self.Kp
+        self.idx_path: tuple | None = None
+        self.q_path: tuple | None = None
+        self.in_path: tuple | None = None
+        self.cadence_step = -1
+        self.snap: torch.Tensor | None = None
+        self.snap_step: int | None = None
+        self.dsteps: dict[int, int] = {}        # cadence step -> steps since previous snapshot
+        self.cadence_steps: set[int] = set()
+        self.host_evalmut: dict[int, int] = {}
+        self.eval_before: tuple[list, list[torch.Tensor | None]] | None = None
+        self.offsets: torch.Tensor | None = None
+        self.grads: dict[str, Any] = {}
+        self.tensor_handles: list[Any] = []
+        self.window_hist: deque[tuple[int, np.ndarray]] = deque()
+        self.hist_acc: np.ndarray | None = None
+        self.hist_first: int | None = None
+        self.latest_window: np.ndarray | None = None
+        self.project = _functional_projection(q.project_in)
+        self.project_ok = q.project_in is None or self.project is not None
+        self.fp_rows: list[int] = []
+        cb = q.codebook()
+        self.fp_size = 0
+        if cb is not None and rec.world_size > 1:
+            n = cb.shape[0] * cb.shape[1]
+            self.fp_rows = sorted({round(j * (n - 1) / max(FP_ROWS - 1, 1)) for j in range(FP_ROWS)})
+            self.fp_size = len(self.fp_rows) * cb.shape[-1] + FP_BLOCKS
+        self.fp_index: torch.Tensor | None = None
+        self.spacing_index: torch.Tensor | None = None
+        self.cf: bool | None = None
+        self.layout_known = False
+        self.spacing_pairs: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- per forward (training)
+
+    def count(self, output: Any) -> None:
+        """Count code indices of one training forward: remainder + scatter_add_ (2 kernels)."""
+        rec = self.rec
+        if self.q.indices is not None:
+            idx = self.q.indices(output)
+        else:
+            idx = follow(output, self.idx_path) if self.idx_path is not None else None
+            if not isinstance(idx, torch.Tensor) or not _is_index(idx):
+                hit = find_tensor(output, _is_index)
+                if hit is None:
+                    raise RuntimeError("no integer code indices found in the quantizer's output "
+                                       "(register an adapter with an `indices` reader)")
+                idx, self.idx_path = hit
+        if idx is None:
+            return
+        if idx.device != rec.device:
+            idx = idx.to(rec.device, non_blocking=True)
+        if idx.dtype != torch.int64:
+            idx = idx.long()
+        idx = torch.remainder(idx, self.Kp)
+        if self.H > 1:
+            if idx.dim() == 0 or idx.shape[-1] != self.H:
+                raise RuntimeError(f"index tensor of shape {tuple(idx.shape)} does not end in the "
+                                   f"{self.H} heads of the codebook")
+            if self.offsets is None or self.offsets.device != idx.device:
+                self.offsets = torch.arange(self.H, device=idx.device, dtype=torch.int64) * self.Kp
+            idx = idx + self.offsets
+        flat = idx.reshape(-1)
+        rec.arena.count_rows[self.i][rec.slot].scatter_add_(0, flat, rec.one.expand(flat.shape[0]))
+
+    # ---------------------------------------------------------------- cadence (forward)
+
+    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        src = (args, kwargs)
+        if self.in_path is not None:
+            x = follow(src, self.in_path)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                return x
+        hit = find_tensor(src, lambda t: t.is_floating_point() and t.dim() >= 2)
+        if hit is None:
+            return None
+        self.in_path = hit[1]
+        return hit[0]
+
+    def _quantized(self, output: Any, x: torch.Tensor | None) -> torch.Tensor | None:
+        if self.q.quantized is not None:
+            return self.q.quantized(output)
+        if x is None:
+            return None
+        if self.q_path is not None:
+            t = follow(output, self.q_path)
+            if isinstance(t, torch.Tensor) and t.shape == x.shape and t.is_floating_point():
+                return t
+        hit = find_tensor(output, lambda t: t.is_floating_point() and t.shape == x.shape)
+        if hit is None:
+            return None
+        self.q_path = hit[1]
+        return hit[0]
+
+    def _layout(self, x: torch.Tensor, idx: torch.Tensor | None) -> bool | None:
+        """True when x is channels-first ([B, D, ...]), False when channels-last, None when unknown.
+
+        Decided once per quantizer: from the index tensor's shape (it is x's shape without the
+        vector axis) when that settles it, else from which axis has the input dimension, else
+        from the library's convention.
+        """
+        if self.layout_known:
+            return self.cf
+        d = self.q.input_dim or x.shape[-1]
+        cf: bool | None = None
+        if idx is not None and x.dim() >= 3:
+            shape = tuple(idx.shape[:-1]) if self.H > 1 and idx.dim() and idx.shape[-1] == self.H else tuple(idx.shape)
+            last, first = tuple(x.shape[:-1]), (x.shape[0], *x.shape[2:])
+            if shape == last and shape != first and x.shape[-1] == d:
+                cf = False
+            elif shape == first and shape != last and x.shape[1] == d:
+                cf = True
+        if cf is None:
+            on_last, on_first = x.shape[-1] == d, x.dim() >= 3 and x.shape[1] == d
+            if on_last != on_first:
+                cf = on_first
+            elif on_last:
+                cf = bool(self.q.channel_first)
+        self.cf, self.layout_known = cf, True
+        return cf
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The first SAMPLE_ROWS input vectors as [n, input_dim] (a view or a small copy)."""
+        d = self.q.input_dim or x.shape[-1]
+        if x.dim() < 2 or self.cf is None:
+            return None
+        axis = 1 if self.cf else x.dim() - 1
+        if x.shape[axis] != d:
+            return None
+        per_b = max(1, x[0].numel() // d)
+        b = min(x.shape[0], -(-SAMPLE_ROWS // per_b))
+        xb = x[:b].movedim(1, -1) if self.cf else x[:b]
+        return xb.reshape(-1, d)[:SAMPLE_ROWS]
+
+    def cadence_forward(self, args: tuple, kwargs: dict, output: Any, step: int) -> None:
+        """Scale, error, non-finite, drift and count statistics of a cadence step (one copy)."""
+        rec = self.rec
+        nan = rec.nan
+        vals: list[torch.Tensor] = [nan] * N_FWD
+        x = self._input(args, kwargs)
+        qt = self._quantized(output, x)
+        D = self.q.code_dim
+        zs: torch.Tensor | None = None
+        if x is not None and not self.layout_known:
+            idx = follow(output, self.idx_path) if self.idx_path is not None else None
+            self._layout(x, idx if isinstance(idx, torch.Tensor) else None)
+        xs = self._rows(x) if x is not None else None
+        if xs is not None:
+            zs = xs.detach().float()
+            if self.project is not None:
+                zs = self.project(zs)
+            elif not self.project_ok:
+                zs = None
+            if zs is not None and D and zs.shape[-1] != D:
+                zs = zs.reshape(-1, D) if zs.shape[-1] % D == 0 else None
+            if zs is not None:
+                vals[Z_NORM] = torch.linalg.vector_norm(zs, dim=-1).median()
+            if qt is not None:
+                qs = self._rows(qt)
+                if qs is not None and qs.shape == xs.shape:
+                    xf = xs.detach().float()
+                    err = torch.linalg.vector_norm(qs.detach().float() - xf, dim=-1)
+                    vals[QERR] = (err / torch.linalg.vector_norm(xf, dim=-1).clamp_min(1e-30)).median()
+        if x is not None:
+            vals[NF_IN] = x.numel() - torch.isfinite(x.detach()).sum(dtype=torch.float32)
+        if qt is not None:
+            vals[NF_OUT] = qt.numel() - torch.isfinite(qt.detach()).sum(dtype=torch.float32)
+        cb = self.q.codebook()
+        if cb is not None:
+            cbd = cb.detach()
+            code_med = torch.linalg.vector_norm(cbd.float().reshape(-1, cbd.shape[-1]), dim=-1).median()
+            vals[CODE_NORM] = code_med
+            if zs is not None and zs.shape[-1] == cbd.shape[-1]:
+                geo = self._geometry(zs, cbd.float())
+                if geo is not None:
+                    vals[NEAREST], vals[SPACING], vals[QERR] = geo
+            if self.snap is not None and self.snap.shape == cbd.shape:
+                diff = cbd.float() - self.snap.float()
+                vals[DRIFT_NORM] = torch.linalg.vector_norm(diff)
+                moved = torch.linalg.vector_norm(diff, dim=-1)
+                vals[JUMPED] = (moved > JUMP_REL * code_med).sum(dtype=torch.float32)
+                self.dsteps[step] = step - (self.snap_step if self.snap_step is not None else step)
+                self.snap.copy_(cbd)
+            else:
+                self.snap = cbd.clone()
+            self.snap_step = step
+        bufs = self.rec.buffers_of[self.i]
+        if bufs:
+            total = sum(b.numel() for b in bufs)
+            finite = torch.stack([torch.isfinite(b.detach()).sum(dtype=torch.float32) for b in bufs]).sum()
+            vals[NF_BUF] = total - finite
+        counts = self.q.counts()
+        if counts is not None:
+            vals[COUNT_SUM] = counts.detach().sum(dtype=torch.float32)
+        row = rec.arena.stats[self.i][rec.slot]
+        row[:N_FWD].copy_(torch.stack([v.reshape(()).to(torch.float32) if isinstance(v, torch.Tensor)
+                                       else torch.full((), float(v), device=rec.device) for v in vals]))
+        self.cadence_steps.add(step)
+        # straight-through passthrough: gradient hooks on this forward's output and input
+        if "st" not in rec.disabled_for(self) and qt is not None and qt.requires_grad:
+            self._st_hooks(x, qt, rec.slot, rec.interval)
+
+    def _geometry(self, zs: torch.Tensor, cb: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(nearest-code distance, code spacing, relative quantization error), medians, code space.
+
+        Input rows are split into head slices (row r of a head-split input belongs to head
+        r mod H) and compared with their head's codes; cosine codebooks compare l2-normalised
+        vectors, as their lookup does.
+        """
+        H, K, D = cb.shape
+        n = (min(zs.shape[0], NN_ROWS) // H) * H
+        if n == 0:
+            return None
+        z = zs[:n].reshape(-1, H, D).transpose(0, 1)              # [H, n/H, D]
+        if self.q.state.metric == "cosine":
+            z = torch.nn.functional.normalize(z, dim=-1)
+            cb = torch.nn.functional.normalize(cb, dim=-1)
+        dmin = torch.cdist(z, cb).amin(-1)                       # [H, n/H]
+        rel = (dmin / torch.linalg.vector_norm(z, dim=-1).clamp_min(1e-30)).median()
+        if self.spacing_index is None or self.spacing_index.device != cb.device:
+            m = min(K, SPACING_CODES)
+            rows = torch.linspace(0, K - 1, m).round().long().unique()
+            iu = torch.triu_indices(len(rows), len(rows), offset=1)
+            self.spacing_index = rows.to(cb.device)
+            self.spacing_pairs = (iu[0] * len(rows) + iu[1]).to(cb.device)
+        sub = cb.index_select(1, self.spacing_index)               # [H, m, D]
+        d = torch.cdist(sub, sub).reshape(H, -1).index_select(1, self.spacing_pairs)
+        return dmin.median(), (d.median() if d.numel() else self.rec.nan), rel
+
+    def _st_hooks(self, x: torch.Tensor | None, qt: torch.Tensor, slot: int, interval: int) -> None:
+        rec = self.rec
+        grads: dict[str, torch.Tensor] = {}
+        row = rec.arena.stats[self.i][slot]
+
+        def write(which: int, g: torch.Tensor) -> None:
+            if rec.interval != interval:  # flushed meanwhile: the slot belongs to another step
+                return
+            with torch.no_grad():
+                row[which].copy_(torch.linalg.vector_norm(g.detach().float()))
+                other = grads.get("in" if which == ST_GOUT else "out")
+                grads["out" if which == ST_GOUT else "in"] = g
+                if other is not None and other.shape == g.shape:
+                    row[ST_DOT].copy_((g.detach().float() * other.detach().float()).sum())
+                    grads.clear()
+
+        h_out = qt.register_hook(rec.guard(self, "st", lambda g: write(ST_GOUT, g)))
+        self.tensor_handles.append(h_out)
+        # |g_in| and <g_in, g_out> read 0 unless a gradient reaches the input: when the backward
+        # never gets there (no path from the loss to the encoder), 0 is the truth
+        row[ST_GIN:ST_DOT + 1].zero_()
+        if x is not None and x.requires_grad:
+            h_in = x.register_hook(rec.guard(self, "st", lambda g: write(ST_GIN, g)))
+            self.tensor_handles.append(h_in)
+        if len(self.tensor_handles) > 16:  # handles of tensors already freed: drop them
+            del self.tensor_handles[:-16]
+
+    # ---------------------------------------------------------------- eval / no_grad forwards
+
+    def eval_pre(self) -> None:
+        bufs = list(self.rec.module_buffers(self.i))
+        ident = [(id(b), b._version, tuple(b.shape)) for b in bufs]
+        with torch.no_grad():
+            snaps = [b.detach().clone() for b in bufs]
+        self.eval_before = (ident, snaps)
+
+    def eval_post(self) -> None:
+        before = self.eval_before
+        self.eval_before = None
+        if before is None:
+            return
+        ident, snaps = before
+        bufs = list(self.rec.module_buffers(self.i))
+        rec = self.rec
+        if len(bufs) != len(ident) or any(id(b) != i[0] or tuple(b.shape) != i[2] for b, i in zip(bufs, ident)):
+            self.host_evalmut[rec.step] = self.host_evalmut.get(rec.step, 0) + 1
+            return
+        if any(b._version != i[1] for b, i in zip(bufs, ident)):
+            self.host_evalmut[rec.step] = self.host_evalmut.get(rec.step, 0) + 1
+            return
+        if not bufs:
+            return
+        with torch.no_grad():
+            changed = torch.stack([_bits(b) .ne(_bits(s)).any() for b, s in zip(bufs, snaps)]).any()
+            rec.arena.evalmut[self.i][rec.slot].add_(changed.to(torch.float32))
+
+    # ---------------------------------------------------------------- flush (device part)
+
+    def write_fingerprint(self) -> None:
+        if not self.fp_size:
+            return
+        cb = self.q.codebook()
+        if cb is None:
+            return
+        rec = self.rec
+        with torch.no_grad():
+            flat = cb.detach().float().reshape(-1, cb.shape[-1])
+            if self.fp_index is None or self.fp_index.device != flat.device:
+                self.fp_index = torch.tensor(self.fp_rows, device=flat.device, dtype=torch.int64)
+            rows = flat.index_select(0, self.fp_index).reshape(-1)
+            v = flat.reshape(-1)
+            m = v.numel() // FP_BLOCKS
+            blocks = v[: m * FP_BLOCKS].view(FP_BLOCKS, m).sum(1) if m else torch.zeros(FP_BLOCKS, device=v.device)
+            rec.arena.fp[self.i].copy_(torch.cat([rows, blocks]).to(rec.device))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of a tensor (so NaN == NaN and -0.0 != 0.0 compare as stored)."""
+    if t.is_floating_point() and t.element_size() in (2, 4, 8):
+        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t
+
+
+class Recorder:
+    """Attaches the hooks to a model and turns what they see into run-store records.
+
+    Args:
+        model: the model (wrappers looked through).
+        quantizers: the live quantizers (`live.find_quantizers`).
+        store: the run store writer.
+        flush_every: F, steps between device->host copies.
+        stats_every: C, steps between cadence statistics.
+        window: W, steps of the windowed usage metrics (None: `stats.auto_window`).
+        hist_every: steps between `hist` records (a multiple of F).
+        start_step: number of the first step.
+        world_size: data-parallel world size.
+    """
+
+    def __init__(self, model: nn.Module, quantizers: list[LiveQuantizer], store: RunStore, *,
+                 flush_every: int = 50, stats_every: int = 10, window: int | None = None,
+                 hist_every: int | None = None, start_step: int = 0, world_size: int = 1):
+        self.model = model
+        self.quantizers = quantizers
+        self.store = store
+        self.F = max(1, int(flush_every))
+        self.C = max(1, int(stats_every))
+        self.window = int(window) if window else None
+        he = int(hist_every or self.F)
+        self.hist_every = max(self.F, -(-he // self.F) * self.F)
+        self.world_size = world_size
+        self.step = int(start_step)
+        self.start_step = int(start_step)
+        self.interval_start = self.step
+        self.interval = 0
+        self.explicit = False
+        self.pending = False
+        self.fwd_since_advance = False
+        self.step_has_data = False
+        self.fwd_step = self.step
+        self.grad_step = -1
+        self.closed = False
+        self.on_flush: list[Callable[[list[dict[str, Any]]], None]] = []
+        self.events: list[dict[str, Any]] = []
+        self._disabled: set[tuple[int, str]] = set()
+        self._warned: set[tuple[int, str]] = set()
+        self._handles: list[Any] = []
+        self._trace_handles: list[Any] = []
+        self._trace_order: dict[int, int] = {}
+        self._first_q_pos: int | None = None
+        self._sides: tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]] | None = None
+        self._opt_owner: dict[int, tuple[int, bool]] = {}
+        self._opt_param_ids: set[int] = set()
+        self._loss_host: dict[int, float] = {}
+        self._loss_dev_steps: set[int] = set()
+        self.compiled = contains_compiled(model)
+        self.index = ModuleIndex(model)
+        self.device = self._pick_device()
+        self.one = torch.ones((), device=self.device)
+        self.nan = torch.full((), float("nan"), device=self.device)
+        self.probes = [_QProbe(self, i, q) for i, q in enumerate(quantizers)]
+        self.arena = _Arena(self.device, self.F, [p.width for p in self.probes], [p.fp_size for p in self.probes])
+        self.buffers_of = [self._nonfinite_targets(q) for q in quantizers]
+        self._mod_buffers: list[list[tuple[nn.Module, str]]] = [self._buffer_refs(q) for q in quantizers]
+        self.window_steps: int | None = self.window
+        self.t_start = time.time()
+
+    # ------------------------------------------------------------------ setup
+
+    def _pick_device(self) -> torch.device:
+        for q in self.quantizers:
+            cb = q.codebook()
+            if cb is not None:
+                return cb.device
+            for t in list(q.module.parameters())[:1] + list(q.module.buffers())[:1]:
+                return t.device
+        for t in self.model.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    def _buffer_refs(self, q: LiveQuantizer) -> list[tuple[nn.Module, str]]:
+        out = []
+        for m in q.module.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    out.append((m, name))
+        return out
+
+    def module_buffers(self, i: int) -> Iterable[torch.Tensor]:
+        """The quantizer's buffers, read from their owners now (follows re-registration)."""
+        for m, name in self._mod_buffers[i]:
+            b = m._buffers.get(name)
+            if b is not None:
+                yield b
+
+    def _nonfinite_targets(self, q: LiveQuantizer) -> list[torch.Tensor]:
+        out = [b for b in q.module.buffers() if b.is_floating_point()]
+        if q.codebook_param is not None and all(q.codebook_param is not b for b in out):
+            out.append(q.codebook_param)
+        return out
+
+    # ------------------------------------------------------------------ guards
+
+    def disabled_for(self, probe: _QProbe | None) -> set[str]:
+        i = -1 if probe is None else probe.i
+        return {k for (j, k) in self._disabled if j == i}
+
+    def guard(self, probe: _QProbe | None, what: str, fn: Callable) -> Callable:
+        """`fn` wrapped so that an exception disables this probe instead of reaching the training."""
+        key = (-1 if probe is None else probe.i, what)
+
+        def guarded(*args: Any, **kwargs: Any) -> None:
+            if self.closed or key in self._disabled or _is_compiling():
+                return None
+            try:
+                fn(*args, **kwargs)
+            except Exception as e:  # never let a probe break the training
+                self.fail(key, e)
+            return None
+
+        return _dynamo_disable(guarded)
+
+    def fail(self, key: tuple[int, str], e: BaseException) -> None:
+        """Disable one probe after an exception; one event record and one warning."""
+        self._disabled.add(key)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        qname = self.quantizers[key[0]].name if 0 <= key[0] < len(self.quantizers) else None
+        where = f"quantizer {qname!r} " if qname is not None else ""
+        msg = f"vqdoctor {where}probe '{key[1]}' raised {type(e).__name__}: {e}; probe disabled, training continues"
+        ev: dict[str, Any] = {"t": "event", "step": self.step, "level": "error", "message": msg}
+        if qname is not None:
+            ev["q"] = qname
+        self.events.append(ev)
+        warnings.warn(msg, WatchWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def attach(self) -> None:
+        """Register every hook (module, optimizer, first-forward trace)."""
+        for p in self.probes:
+            m = p.q.module
+            self._handles.append(m.register_forward_pre_hook(self.guard(p, "pre", self._pre(p)), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self.guard(p, "post", self._post(p)), with_kwargs=True))
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._handles.append(register_optimizer_step_pre_hook(self.guard(None, "grad", self._opt_pre)))
+        self._handles.append(register_optimizer_step_post_hook(self.guard(None, "clock", self._opt_post)))
+        if not self.compiled:
+            # one-time trace of the order modules run in, for the encoder/decoder split
+            qmods = {id(p.q.module) for p in self.probes}
+            for m in self.model.modules():
+                if m._parameters and id(m) not in qmods:
+                    self._trace_handles.append(m.register_forward_pre_hook(self.guard(None, "trace", self._tracer(m))))
+
+    def _tracer(self, m: nn.Module) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._trace_order.setdefault(id(m), len(self._trace_order))
+        return hook
+
+    def _stop_trace(self) -> None:
+        for h in self._trace_handles:
+            h.remove()
+        self._trace_handles = []
+
+    def detach(self) -> None:
+        """Remove every hook, including tensor hooks still pending."""
+        for h in self._handles + self._trace_handles:
+            try:
+                h.remove()
+            except Exception:
+                pass
+        self._handles, self._trace_handles = [], []
+        for p in self.probes:
+            for h in p.tensor_handles:
+                try:
+                    h.remove()
+                except Exception:
+                    pass
+            p.tensor_handles = []
+            p.snap = None
+            p.eval_before = None
+
+    # ------------------------------------------------------------------ module hooks
+
+    def _pre(self, p: _QProbe) -> Callable:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if module.training and torch.is_grad_enabled():
+                if self.pending and not self.explicit:
+                    self.pending = False
+                    self._advance()
+                if self._first_q_pos is None:
+                    self._first_q_pos = len(self._trace_order)
+            elif "eval" not in self.disabled_for(p):
+                try:
+                    p.eval_pre()
+                except Exception as e:
+                    self.fail((p.i, "eval"), e)
+        return pre
+
+    def _post(self, p: _QProbe) -> Callable:
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                if p.eval_before is not None:
+                    try:
+                        p.eval_post()
+                    except Exception as e:
+                        self.fail((p.i, "eval"), e)
+                return
+            self.fwd_since_advance = True
+            self.step_has_data = True
+            self.fwd_step = self.step
+            off = self.disabled_for(p)
+            with torch.no_grad():
+                if "count" not in off:
+                    try:
+                        p.count(output)
+                    except Exception as e:
+                        self.fail((p.i, "count"), e)
+                if self.step % self.C == 0 and p.cadence_step != self.step and "stats" not in off:
+                    p.cadence_step = self.step
+                    try:
+                        p.cadence_forward(args, kwargs, output, self.step)
+                    except Exception as e:
+                        self.fail((p.i, "stats"), e)
+        return post
+
+    @property
+    def slot(self) -> int:
+        """Row of the slot buffers that belongs to the current step."""
+        return self.step - self.interval_start
+
+    # ------------------------------------------------------------------ optimizer hooks
+
+    def _owns(self, opt: torch.optim.Optimizer) -> bool:
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        cached = self._opt_owner.get(id(opt))
+        if cached is not None and cached[0] == n:
+            return cached[1]
+        model_ids = {id(p) for p in self.model.parameters()}
+        ids = {id(p) for g in opt.param_groups for p in g["params"]}
+        owns = bool(ids & model_ids)
+        self._opt_owner[id(opt)] = (n, owns)
+        if owns:
+            self._opt_param_ids |= ids
+        return owns
+
+    def _opt_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._owns(opt):
+            return
+        self._stop_trace()
+        s = self.fwd_step
+        if s % self.C != 0 or self.grad_step == s or not (self.interval_start <= s < self.interval_start + self.F):
+            return
+        self.grad_step = s
+        with torch.no_grad():
+            self._grad_norms(s - self.interval_start)
+
+    def _opt_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.explicit or not self.fwd_since_advance or not self._owns(opt):
+            return
+        self.pending = True
+
+    def _side_lists(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+        """(encoder-side, quantizer, decoder-side) parameters, decided once.
+
+        Modules that ran before the first quantizer in the first forward are encoder-side, the
+        rest decoder-side; modules never seen running (or a compiled model, where the trace is
+        skipped) fall back to registration order relative to the first quantizer.
+        """
+        if self._sides is not None:
+            return self._sides
+        qmods: set[int] = set()
+        for p in self.probes:
+            qmods |= {id(m) for m in p.q.module.modules()}
+        reg = self.index.order
+        first_q_reg = min((reg.get(id(p.q.module), 1 << 30) for p in self.probes), default=1 << 30)
+        first_q_trace = self._first_q_pos
+        enc, quant, dec = [], [], []
+        seen: set[int] = set()
+        for m in self.model.modules():
+            for prm in m._parameters.values():
+                if prm is None or id(prm) in seen:
+                    continue
+                seen.add(id(prm))
+                if id(m) in qmods:
+                    quant.append(prm)
+                elif first_q_trace is not None and id(m) in self._trace_order:
+                    (enc if self._trace_order[id(m)] < first_q_trace else dec).append(prm)
+                else:
+                    (enc if reg.get(id(m), 1 << 30) < first_q_reg else dec).append(prm)
+        self._sides = (enc, quant, dec)
+        return self._sides
+
+    def _grad_norms(self, slot: int) -> None:
+        enc, quant, dec = self._side_lists()
+        groups = []
+        for plist in (enc, quant, dec):
+            groups.append([p.grad for p in plist if p.grad is not None and not p.grad.is_sparse])
+        flat = [g for grp in groups for g in grp]
+        run = self.arena.run[slot]
+        if flat:
+            norms = torch.stack([n.to(self.device, torch.float32) for n in torch._foreach_norm(flat)])
+            sq = norms * norms
+            vals = []
+            a = 0
+            for grp in groups:
+                b = a + len(grp)
+                vals.append(sq[a:b].sum().sqrt() if b > a else self.nan)
+                a = b
+            vals.append((~torch.isfinite(norms)).sum(dtype=torch.float32))
+            run[GN_ENC:NF_GRAD + 1].copy_(torch.stack([vals[0], vals[2], vals[1], vals[3]]))
+        for p in self.probes:
+            prm = p.q.codebook_param
+            if prm is not None and prm.grad is not None and not prm.grad.is_sparse:
+                self.arena.stats[p.i][slot, GN_CB].copy_(torch.linalg.vector_norm(prm.grad.detach().float()))
+
+    # ------------------------------------------------------------------ the step clock
+
+    def user_step(self, loss: Any = None) -> None:
+        """`doctor.step(loss=...)`: record the loss of the current step, then end the step."""
+        if self.closed:
+            return
+        self.explicit = True
+        self.pending = False
+        if loss is not None and (-1, "loss") not in self._disabled:
+            try:
+                self._record_loss(loss)
+            except Exception as e:
+                self.fail((-1, "loss"), e)
+        self._advance()
+
+    def _record_loss(self, loss: Any) -> None:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+            with torch.no_grad():
+                self.arena.loss_cells[self.slot].copy_(loss.detach().reshape(()))
+            self._loss_dev_steps.add(self.step)
+        else:
+            self._loss_host[self.step] = float(loss)
+
+    def _advance(self) -> None:
+        self._stop_trace()
+        self.step += 1
+        self.fwd_since_advance = False
+        self.step_has_data = False
+        if self.step - self.interval_start >= self.F:
+            self.flush()
+
+    # ------------------------------------------------------------------ flush
+
+    def flush(self, final: bool = False) -> list[dict[str, Any]]:
+        """Copy the slot buffers to the host once and append the interval's records.
+
+        Args:
+            final: also record the current, unfinished step (at close).
+
+        Returns:
+            The records appended.
+        """
+        if (-1, "flush") in self._disabled:
+            return []
+        try:
+            return self._flush(final)
+        except Exception as e:
+            self.fail((-1, "flush"), e)
+            # everything is lost for this interval, but the next one starts clean
+            self.interval_start = self.step
+            self.interval += 1
+            try:
+                self.arena.reset()
+            except Exception:
+                pass
+            return []
+
+    def _flush(self, final: bool) -> list[dict[str, Any]]:
+        n = self.step - self.interval_start
+        if final and (self.step_has_data or self.step in self._loss_host or self.step in self._loss_dev_steps
+                      or any(self.step in p.host_evalmut for p in self.probes)):
+            n += 1
+        n = min(n, self.F)
+        records: list[dict[str, Any]] = []
+        if n > 0:
+            with torch.no_grad():
+                for p in self.probes:
+                    p.write_fingerprint()
+                host = self.arena.buf.to("cpu", copy=True).numpy()  # the one synchronisation
+                self.arena.reset()
+            records = self._records(host, n, final)
+        records = self.events + records
+        self.events = []
+        first = self.interval_start
+        self.interval_start = first + n if final else self.step
+        self.interval += 1
+        self._loss_host = {k: v for k, v in self._loss_host.items() if k >= self.interval_start}
+        self._loss_dev_steps = {k for k in self._loss_dev_steps if k >= self.interval_start}
+        self.store.append(records)
+        for cb in list(self.on_flush):
+            try:
+                cb(records)
+            except Exception as e:
+                self.on_flush.remove(cb)
+                self.fail((-1, f"on_flush:{getattr(cb, '__name__', 'callback')}"), e)
+        return records
+
+    def _host_views(self, host: np.ndarray, n: int) -> Callable[[torch.Tensor], np.ndarray]:
+        base = self.arena.buf
+
+        def view(t: torch.Tensor) -> np.ndarray:
+            off = t.storage_offset() - base.storage_offset()
+            return host[off: off + t.numel()].reshape(tuple(t.shape))
+        return view
+
+    def _records(self, host: np.ndarray, n: int, final: bool) -> list[dict[str, Any]]:
+        view = self._host_views(host, n)
+        first = self.interval_start
+        steps = list(range(first, first + n))
+        run = view(self.arena.run)[:n]
+        out: list[dict[str, Any]] = []
+        per_step: dict[int, list[dict[str, Any]]] = {s: [] for s in steps}
+
+        counts_of = {p.i: view(self.arena.counts[p.i])[:n].reshape(n, p.H, p.Kp)[:, :, : p.K].astype(np.float64)
+                     for p in self.probes}
+        if self.window_steps is None:
+            # one window for the whole run: the longest any quantizer needs
+            ws = []
+            for p in self.probes:
+                tok = counts_of[p.i].sum(-1).mean(-1)
+                tok = tok[tok > 0]
+                if len(tok):
+                    ws.append(S.auto_window(p.K, p.H, float(np.median(tok))))
+            if ws:
+                self.window_steps = max(ws)
+                self.store.meta.setdefault("config", {})["window"] = self.window_steps
+                self.store.write_meta()
+        W = self.window_steps or S.WINDOW_MIN
+
+        for p in self.probes:
+            counts_all = counts_of[p.i]
+            stats = view(self.arena.stats[p.i])[:n]
+            evm = view(self.arena.evalmut[p.i])[:n]
+            sm = S.step_metrics(counts_all)
+            win = self._windows(p, counts_all, W)
+            wm = S.window_metrics(win)
+            for j, s in enumerate(steps):
+                rec: dict[str, Any] = {"t": "step", "step": s, "q": p.q.name}
+                tok = sm["tokens"][j]
+                if tok > 0:
+                    for k in ("tokens", "perplexity", "perplexity_fraction", "entropy_norm", "top1_share"):
+                        rec[k] = float(sm[k][j])
+                    for k in ("usage_window", "usage_fraction", "dead_fraction", "entropy_norm_window",
+                              "perplexity_window", "window_tokens"):
+                        rec[k] = float(wm[k][j])
+                    rec["window_steps"] = W
+                if s in p.cadence_steps:
+                    rec.update(self._cadence_metrics(p, stats[j], counts_all[j], s))
+                mut = float(evm[j]) + p.host_evalmut.get(s, 0)
+                if mut > 0 or s in p.cadence_steps:
+                    rec["eval_mutation"] = mut
+                if len(rec) > 3:
+                    per_step[s].append(rec)
+            # FSQ / LFQ per-dimension usage over the latest window, on the interval's last step
+            if p.latest_window is not None and p.latest_window.sum() > 0:
+                extra: dict[str, float] = {}
+                if p.q.state.kind == "fsq" and p.q.state.levels:
+                    extra = S.fsq_metrics(p.latest_window, tuple(p.q.state.levels))
+                elif p.q.state.kind == "lfq":
+                    extra = S.lfq_metrics(p.latest_window, int(round(math.log2(p.K))) if p.K > 1 else 0)
+                if extra and per_step[steps[-1]]:
+                    for r in per_step[steps[-1]]:
+                        if r["q"] == p.q.name:
+                            r.update(extra)
+            p.cadence_steps = {s for s in p.cadence_steps if s >= first + n}
+            p.host_evalmut = {k: v for k, v in p.host_evalmut.items() if k >= first + n}
+            p.dsteps = {k: v for k, v in p.dsteps.items() if k >= first + n}
+            # hist records (exact cross-rank aggregation)
+            interval_sum = counts_all.sum(0)
+            p.hist_acc = interval_sum if p.hist_acc is None else p.hist_acc + interval_sum
+            if p.hist_first is None:
+                p.hist_first = first
+            last = first + n - 1
+            if (last + 1 - self.start_step) % self.hist_every == 0 or final:
+                out.append({"t": "hist", "step": last, "q": p.q.name, "first_step": p.hist_first,
+                            "steps": last - p.hist_first + 1, "window": W, "heads": p.H,
+                            "counts": [int(round(x)) for x in p.hist_acc.reshape(-1)]})
+                p.hist_acc, p.hist_first = None, None
+            if p.fp_size:
+                fp = view(self.arena.fp[p.i])
+                if np.isfinite(fp).all():
+                    out.append({"t": "fp", "step": last, "q": p.q.name, "rows": p.fp_rows,
+                                "fingerprint": [float(x) for x in fp]})
+
+        for j, s in enumerate(steps):
+            r: dict[str, Any] = {"t": "run", "step": s}
+            if s in self._loss_host:
+                r["loss"] = self._loss_host[s]
+            elif s in self._loss_dev_steps:
+                r["loss"] = float(run[j, LOSS])
+            for k, col in (("grad_norm_encoder", GN_ENC), ("grad_norm_decoder", GN_DEC),
+                           ("grad_norm_quantizer", GN_QUANT), ("nonfinite_grad", NF_GRAD)):
+                v = float(run[j, col])
+                if not math.isnan(v):
+                    r[k] = v
+            if len(r) > 2:
+                out.append(r)
+            out.extend(per_step[s])
+        return out
+
+    def _windows(self, p: _QProbe, counts: np.ndarray, W: int) -> np.ndarray:
+        """Counts over the last W steps ending at each step of the interval.
+
+        Exact within the interval; earlier steps are taken in whole flush intervals, so a
+        window spans W to W + F - 1 steps when it reaches back past the interval start.
+        """
+        n = counts.shape[0]
+        cum = np.cumsum(counts, axis=0)
+        prev = list(p.window_hist)  # oldest first: (steps, sum)
+        out = np.empty_like(cum)
+        for j in range(n):
+            covered = j + 1
+            if covered >= W:
+                lo = j - W
+                out[j] = cum[j] - (cum[lo] if lo >= 0 else 0.0)
+                continue
+            acc = cum[j].copy()
+            for steps_k, sum_k in reversed(prev):
+                if covered >= W:
+                    break
+                acc += sum_k
+                covered += steps_k
+            out[j] = acc
+        p.latest_window = out[-1] if n else None
+        p.window_hist.append((n, counts.sum(0)))
+        total = sum(k for k, _ in p.window_hist)
+        while p.window_hist and total - p.window_hist[0][0] >= W:
+            total -= p.window_hist[0][0]
+            p.window_hist.popleft()
+        return out
+
+    def _cadence_metrics(self, p: _QProbe, st: np.ndarray, counts: np.ndarray, s: int) -> dict[str, float]:
+        m: dict[str, float] = {}
+
+        def put(name: str, v: float) -> None:
+            if not math.isnan(v):
+                m[name] = float(v)
+
+        z, c = float(st[Z_NORM]), float(st[CODE_NORM])
+        put("z_norm_median", z)
+        put("code_norm_median", c)
+        if not math.isnan(z) and not math.isnan(c):
+            m["scale_ratio"] = z / c if c > 0 else float("inf")
+        put("quant_error_rel", float(st[QERR]))
+        near, spacing = float(st[NEAREST]), float(st[SPACING])
+        put("nearest_dist_median", near)
+        put("intercode_dist_median", spacing)
+        if not math.isnan(near) and not math.isnan(spacing) and spacing > 0:
+            m["nearest_to_intercode"] = near / spacing
+        put("nonfinite_input", float(st[NF_IN]))
+        put("nonfinite_output", float(st[NF_OUT]))
+        put("nonfinite_buffers", float(st[NF_BUF]))
+        ds = p.dsteps.get(s)
+        cb = p.q.codebook()
+        if ds and cb is not None and not math.isnan(float(st[DRIFT_NORM])):
+            m["codebook_rms_change"] = float(st[DRIFT_NORM]) / math.sqrt(max(cb.numel(), 1)) / ds
+            if p.q.replaces:
+                m["codes_replaced"] = float(st[JUMPED]) / ds
+        cs = float(st[COUNT_SUM])
+        if not math.isnan(cs):
+            m["count_total"] = cs / max(1, p.q.state.heads)
+            total_idx = float(counts.sum())
+            if total_idx > 0:
+                m["ema_count_sum_to_tokens"] = cs / total_idx
+        gout, gin, dot = float(st[ST_GOUT]), float(st[ST_GIN]), float(st[ST_DOT])
+        nf_grad = 0.0
+        if not math.isnan(gout):
+            nf_grad += 0.0 if math.isfinite(gout) else 1.0
+            if not math.isnan(gin):
+                nf_grad += 0.0 if math.isfinite(gin) else 1.0
+                m["st_grad_ratio"] = gin / gout if gout > 0 else (0.0 if gin == 0 else float("inf"))
+                if not math.isnan(dot):
+                    den = gin * gout
+                    m["st_grad_cos"] = dot / den if den > 0 else 0.0
+        gcb = float(st[GN_CB])
+        if not math.isnan(gcb):
+            m["grad_norm_codebook"] = gcb
+            nf_grad += 0.0 if math.isfinite(gcb) else 1.0
+        if not math.isnan(gout) or not math.isnan(gcb):
+            m["nonfinite_grad"] = nf_grad
+        prm = p.q.codebook_param
+        if prm is not None and prm.requires_grad and self._opt_owner:
+            m["codebook_in_optimizer"] = 1.0 if id(prm) in self._opt_param_ids else 0.0
+        return m

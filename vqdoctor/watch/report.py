@@ -1,0 +1,277 @@
+"""A ranked diagnosis from a run directory alone: records -> evidence -> rules -> report.
+
+Ranks are aggregated here: per-step values are averaged over ranks (counts of tokens and of
+non-finite elements or eval mutations are summed), and the windowed usage metrics are
+recomputed from the `hist` records summed over ranks, so global usage is exact (the same
+figure a single process would report on the same data). With one rank the windowed metrics of
+the step records are used as recorded (exact per step).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vqdoctor import __version__
+from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.rules import Evidence, QuantizerEvidence, diagnose
+from vqdoctor.watch import stats as S
+from vqdoctor.watch.store import load_records, records_frame
+
+# per-step values that are totals over ranks; every other column is averaged
+SUM_OVER_RANKS = {"tokens", "nonfinite_input", "nonfinite_output", "nonfinite_buffers", "nonfinite_grad",
+                  "eval_mutation"}
+# per-step batch metrics: their "latest" value is the mean over the last flush interval, not one noisy step
+BATCH = {"tokens", "perplexity", "perplexity_fraction", "entropy_norm", "top1_share"}
+WINDOWED = ("usage_window", "usage_fraction", "dead_fraction", "entropy_norm_window", "perplexity_window",
+            "window_tokens")
+
+
+def _quantizer_infos(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    qs = meta.get("quantizers")
+    if isinstance(qs, list) and qs:
+        return [q for q in qs if isinstance(q, dict) and "name" in q]
+    for recs in streams.values():
+        for r in recs:
+            if r.get("t") == "start" and isinstance(r.get("quantizers"), list):
+                return [q for q in r["quantizers"] if isinstance(q, dict) and "name" in q]
+    names: list[str] = []
+    for recs in streams.values():
+        for r in recs:
+            if r.get("t") == "step" and r.get("q") not in names:
+                names.append(r.get("q"))
+    return [{"name": n, "kind": "vq", "library": "unknown", "codebook_size": 0, "dim": 0} for n in names]
+
+
+def _world_size(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]]) -> int:
+    ws = [int(meta.get("world_size") or 1)]
+    for recs in streams.values():
+        for r in recs:
+            if r.get("t") == "start":
+                ws.append(int(r.get("world_size") or 1))
+    return max([*ws, len(streams)])
+
+
+def _aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """Rank-aggregated per-step frame (index = step) from per-rank rows of one quantizer."""
+    cols = [c for c in df.columns if c not in ("rank", "step", "quantizer")]
+    if not cols:
+        return pd.DataFrame(index=pd.Index([], name="step"))
+    g = df.groupby("step")
+    parts = []
+    for c in cols:
+        parts.append(g[c].sum(min_count=1) if c in SUM_OVER_RANKS else g[c].mean())
+    out = pd.concat(parts, axis=1, keys=cols).sort_index()
+    out.index.name = "step"
+    return out.dropna(axis=1, how="all")
+
+
+def _hist_windows(streams: dict[int, list[dict[str, Any]]], name: str
+                  ) -> tuple[list[int], list[np.ndarray], int | None, int]:
+    """Window counts summed over ranks at each hist step of one quantizer.
+
+    Returns (steps, [H, K] window counts per step, window W, heads H).
+    """
+    by_step: dict[int, np.ndarray] = {}
+    span: dict[int, int] = {}
+    W: int | None = None
+    H = 1
+    for recs in streams.values():
+        for r in recs:
+            if r.get("t") != "hist" or r.get("q") != name or not isinstance(r.get("counts"), list):
+                continue
+            c = np.asarray(r["counts"], dtype=np.float64)
+            s = int(r["step"])
+            H = int(r.get("heads") or 1)
+            W = int(r["window"]) if r.get("window") else W
+            by_step[s] = by_step[s] + c if s in by_step and by_step[s].shape == c.shape else c
+            span[s] = int(r.get("steps") or 1)
+    steps = sorted(by_step)
+    if not steps:
+        return [], [], W, H
+    W = W or S.WINDOW_MIN
+    out = []
+    for i, s in enumerate(steps):
+        acc = by_step[s].copy()
+        covered = span[s]
+        j = i - 1
+        while j >= 0 and covered < W:
+            if by_step[steps[j]].shape == acc.shape:
+                acc += by_step[steps[j]]
+            covered += span[steps[j]]
+            j -= 1
+        out.append(acc.reshape(H, -1))
+    return steps, out, W, H
+
+
+def _latest(series: pd.DataFrame, flush_every: int) -> dict[str, float]:
+    """Latest value of each metric (batch metrics: mean over the last flush interval)."""
+    out: dict[str, float] = {}
+    for c in series.columns:
+        s = pd.to_numeric(series[c], errors="coerce").astype(float)
+        s = s[~s.isna()]
+        if not len(s):
+            continue
+        if c in BATCH:
+            tail = s[s.index > s.index[-1] - max(1, flush_every)]
+            v = float(tail.mean())
+        else:
+            v = float(s.iloc[-1])
+        out[c] = v
+    return out
+
+
+def _rank_diff(streams: dict[int, list[dict[str, Any]]], name: str, code_norm: float | None
+               ) -> pd.Series | None:
+    """Per fp step: max over ranks and sampled rows of |e_r - e_0| / code_norm_median (rank 0)."""
+    fps: dict[int, dict[int, tuple[list[int], np.ndarray]]] = {}
+    for rank, recs in streams.items():
+        for r in recs:
+            if r.get("t") == "fp" and r.get("q") == name and isinstance(r.get("fingerprint"), list):
+                fps.setdefault(int(r["step"]), {})[rank] = (list(r.get("rows") or []),
+                                                            np.asarray(r["fingerprint"], dtype=np.float64))
+    vals: dict[int, float] = {}
+    norm = code_norm if code_norm and code_norm > 0 else 1.0
+    for s, by_rank in sorted(fps.items()):
+        if len(by_rank) < 2 or min(by_rank) != 0:
+            continue
+        rows0, f0 = by_rank[0]
+        nrows = len(rows0)
+        d = (len(f0) - S.HIST_BUCKETS) // nrows if nrows else 0
+        worst = 0.0
+        for rank, (_, f) in by_rank.items():
+            if rank == 0 or f.shape != f0.shape:
+                continue
+            if nrows and d:
+                a = f0[: nrows * d].reshape(nrows, d)
+                b = f[: nrows * d].reshape(nrows, d)
+                worst = max(worst, float(np.linalg.norm(b - a, axis=1).max()) / norm)
+            blocks0, blocks = f0[nrows * d:], f[nrows * d:]
+            if len(blocks0) and worst == 0.0:
+                scale = np.maximum(np.abs(blocks0), 1e-12)
+                rel = np.abs(blocks - blocks0) / scale
+                if float(rel.max()) > 1e-5:
+                    worst = max(worst, float(np.abs(blocks - blocks0).max()) / norm)
+        vals[s] = worst
+    return pd.Series(vals, dtype=float) if vals else None
+
+
+def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]]
+                          ) -> tuple[Evidence, list[dict[str, Any]], dict[str, np.ndarray], dict[str, Any]]:
+    """Evidence for the rules from a run's records.
+
+    Returns:
+        (evidence, quantizer identities, latest window counts per quantizer, run summary).
+    """
+    infos = _quantizer_infos(meta, streams)
+    world = _world_size(meta, streams)
+    config = meta.get("config") or {}
+    F = int(config.get("flush_every") or 50)
+    df = records_frame(streams)
+    codebook_recs: dict[str, dict[str, Any]] = {}
+    notes: dict[str, list[str]] = {}
+    for recs in streams.values():
+        for r in recs:
+            if r.get("t") == "codebook" and r.get("q") is not None and r.get("q") not in codebook_recs:
+                codebook_recs[r["q"]] = r
+    qevs: list[QuantizerEvidence] = []
+    window_counts: dict[str, np.ndarray] = {}
+    for info in infos:
+        name = str(info["name"])
+        sub = df[df["quantizer"] == name] if len(df) else df
+        series = _aggregate(sub) if len(sub) else pd.DataFrame(index=pd.Index([], name="step"))
+        steps, wins, W, H = _hist_windows(streams, name)
+        if wins:
+            window_counts[name] = wins[-1]
+        if world > 1:
+            # rank-local windowed values are replaced by global ones from the summed hist records
+            series = series.drop(columns=[c for c in (*WINDOWED, "window_steps") if c in series.columns])
+            if steps:
+                wm = S.window_metrics(np.stack(wins))
+                extra = pd.DataFrame({k: wm[k] for k in WINDOWED}, index=pd.Index(steps, name="step"))
+                extra["window_steps"] = float(W or 0)
+                series = series.join(extra, how="outer") if len(series) else extra
+        metrics = _latest(series, F)
+        if name in window_counts:
+            wm1 = S.window_metrics(window_counts[name][None])
+            metrics.update({k: float(wm1[k][0]) for k in WINDOWED if not math.isnan(float(wm1[k][0]))})
+            levels = info.get("levels")
+            if info.get("kind") == "fsq" and levels:
+                metrics.update(S.fsq_metrics(window_counts[name], tuple(int(x) for x in levels)))
+            elif info.get("kind") == "lfq" and int(info.get("codebook_size") or 0) > 1:
+                metrics.update(S.lfq_metrics(window_counts[name], int(round(math.log2(int(info["codebook_size"]))))))
+        if world > 1:
+            rd = _rank_diff(streams, name, metrics.get("code_norm_median"))
+            if rd is not None:
+                series = series.join(rd.rename("rank_codebook_max_diff"), how="outer")
+                metrics["rank_codebook_max_diff"] = float(rd.iloc[-1])
+        for k, v in (codebook_recs.get(name) or {}).items():
+            if k in ("t", "step", "q") or k in metrics:
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[k] = float(v)
+        metrics.setdefault("codebook_size", float(info.get("codebook_size") or 0))
+        qevs.append(QuantizerEvidence(
+            name=name, kind=str(info.get("kind", "vq")), library=str(info.get("library", "unknown")),
+            codebook_size=int(info.get("codebook_size") or 0), dim=int(info.get("dim") or 0),
+            heads=int(info.get("heads") or 1), group=info.get("group"), stage=info.get("stage"),
+            metric=str(info.get("metric", "euclidean")), metrics=metrics,
+            series=series.sort_index() if len(series.columns) else None, notes=notes.get(name, [])))
+    run_rows = df[df["quantizer"] == ""] if len(df) else df
+    run_series = _aggregate(run_rows) if len(run_rows) else None
+    all_steps = sorted(set(df["step"].tolist())) if len(df) else []
+    summary = {"world_size": world, "steps": len(all_steps),
+               "first_step": all_steps[0] if all_steps else None, "last_step": all_steps[-1] if all_steps else None}
+    run: dict[str, float] = {"world_size": float(world), "steps": float(len(all_steps))}
+    if run_series is not None and "loss" in run_series.columns:
+        loss = pd.to_numeric(run_series["loss"], errors="coerce")
+        fin = loss[np.isfinite(loss.to_numpy(dtype=float))]
+        if len(fin):
+            run["loss"] = float(fin.iloc[-1])
+    ev = Evidence(source_kind="run", quantizers=qevs, run=run,
+                  run_series=run_series if run_series is not None and len(run_series.columns) else None)
+    return ev, infos, window_counts, summary
+
+
+def build_report(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], paths: list[str],
+                 thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
+    """The ranked report of a run's records (`report_run` without the reading)."""
+    ev, infos, window_counts, summary = evidence_from_records(meta, streams)
+    findings, errors = diagnose(ev, thresholds)
+    for recs in streams.values():
+        for r in recs:
+            if r.get("t") == "event" and r.get("level") == "error":
+                errors.append({"where": "watch", "step": r.get("step"), "message": str(r.get("message", ""))})
+    qreports = []
+    by_name = {q.name: q for q in ev.quantizers}
+    for info in infos:
+        name = str(info["name"])
+        q = by_name[name]
+        hist = S.usage_histogram(window_counts[name]) if name in window_counts else []
+        qreports.append(QuantizerReport(info=dict(info), metrics=dict(q.metrics), histogram=hist,
+                                        notes=list(info.get("notes") or [])))
+    source = {"kind": "run", "paths": list(paths), "torch": meta.get("torch"),
+              "world_size": summary["world_size"], "steps": summary["steps"],
+              "status": meta.get("status")}
+    return Report(source=source, quantizers=qreports, findings=findings, errors=errors,
+                  tool_version=__version__)
+
+
+def report_run(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
+    """Ranked diagnosis of a recorded run, from its run directory alone.
+
+    Works on a run that is still being written and on one whose process was killed.
+
+    Args:
+        run_dir: the run directory.
+        thresholds: per-rule threshold overrides, e.g. {"dead-codes": {"warn_fraction": 0.3}}.
+
+    Raises:
+        RunStoreError: the directory is missing, unreadable or holds no run.
+    """
+    meta, streams = load_records(run_dir)
+    return build_report(meta, streams, [str(run_dir)], thresholds)
