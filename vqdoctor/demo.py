@@ -3,63 +3,73 @@
 `run_demo` trains two copies of one small model on synthetic data on the CPU, saves their
 checkpoints and probes, and diagnoses both with `vqdoctor.diagnosis.inspect_checkpoints`.
 
-## The model (the SPEC's user story, scaled down)
-10-class Gaussian-mixture data (3 modes per class, 32-d inputs) -> encoder MLP ending in a
-LayerNorm (the usual guard against encoder-norm growth, lucidrains #26) -> VQ-EMA layer
-(K = 256 codes of dimension 64, decay 0.99, Laplace eps 1e-5, codebook initialised from encoder
-outputs like a k-means++ init, commitment 0.01) -> MLP head. Cross-entropy + commitment, Adam
-(lr 1e-3), gradient clipping 1.0, batch 256 (one token per example: n/K = 1), 200 steps.
+## The model (the SPEC's user story at its own sizes, fewer steps)
+10-class Gaussian-mixture data (3 modes per class, 32-d inputs) -> encoder MLP to 128-d ending in
+a LayerNorm (the usual guard against encoder-norm growth, lucidrains #26) -> VQ-EMA layer
+(K = 512 codes of dimension 128, decay 0.99, Laplace eps 1e-5, codebook initialised from
+encoder outputs like a k-means++ init, commitment 0.01) -> MLP head. Cross-entropy +
+commitment, Adam (lr 1e-3), gradient clipping 1.0, batch 512 (one token per example, so
+n/K = 1), 200 steps. Evaluation runs in eval mode in both runs.
 
 ## The mechanism: zero-initialised EMA counts without debiasing (SPEC `ema-divergence`)
-The collapsing run differs from the fixed one in one line: `cluster_size` starts at zeros (as in
-rosinality, taming's `EmbeddingEMA`, zalando, encodec without k-means, lucidrains < 1.15.3) and
-the EMA is not debiased. After the first update `embed = embed_avg / smoothed(cluster_size)`
-divides by almost nothing:
+In the collapsing run `cluster_size` starts at zeros (as in rosinality, taming's `EmbeddingEMA`,
+zalando, encodec without k-means, lucidrains < 1.15.3) and the EMA is not debiased. The first
+update `embed = embed_avg / smoothed(cluster_size)` then divides by almost nothing:
 
-* a code hit by c tokens of the first batch becomes `~decay / ((1 - decay) c) = 99 / c` times its
-  initial vector (about 150 of the 256 codes here: c = 1-3 with one token per example);
-* a code not hit becomes `~decay / eps = 1e5` times its initial vector (the other ~110).
+* a code hit by c tokens of the first batch becomes ~`decay / ((1 - decay) c)` = 99/c times its
+  initial vector (c = 1-3 with one token per example; ~290 of the 512 codes);
+* a code the first batch missed becomes ~`decay / eps` = 1e5 times its initial vector (~220).
 
-The one code with the largest first-batch count is the least inflated; the EMA pulls it back to
-the data within a step and it takes every input from the second batch on (perplexity 1-2). The
-LayerNorm keeps `||z|| ~ sqrt(64) = 8`, so the encoder can never reach the other rows (norms
-~800 to ~1e5): the collapse is permanent, the head sees one vector and accuracy stays at chance.
-The codes hit once keep tiny, non-zero counts (`0.01 c x 0.99^t`), those never hit exactly 0,
-which is the story's "hundreds of codes with tiny non-zero counts". Their rows keep the blow-up:
-a hit-once row is `m / N` with both decaying together.
+The code with the largest first-batch count is the least inflated. It takes every input of the
+second batch, and the EMA pulls it back to the data within a step (perplexity 1-2 from then on).
+The LayerNorm keeps `||z|| ~ sqrt(128) ~ 11`, so the encoder never reaches the other rows
+(norms from ~1e2 up to ~1e5): the collapse is permanent, the head sees one or two vectors and
+accuracy stays at chance. The codes hit once keep tiny non-zero counts (`0.01 c x 0.99^t`),
+which is the story's "~280-300 codes with tiny non-zero counts". The codes never hit keep counts
+of exactly 0. Both keep their blow-up, because their `m` and `N` decay together.
 
-Measured (seeds 0-4, this module's defaults, torch 2.13 CPU; the test re-checks seed 0):
+Measured on seeds 0-4 with the defaults (torch 2.13, CPU; the test re-checks seed 0):
 
-| run | batch perplexity (step 1 / final) | test accuracy | codes < 1% of n/K | final / max loss |
-|---|---|---|---|---|
-| collapsing | 1.0-2.0 / 1.0-1.9 | 0.09-0.21 | 254-255 of 256 | 1.7-2.3 / 5.7-10.4 |
-| fixed | 113-128 / 98-105 | 0.96-0.97 | 0 | 0.07-0.13 / 2.3-2.4 |
+| | collapsing run | fixed run |
+|---|---|---|
+| batch perplexity, 2nd step / last | 1.0-2.0 / 1.0-2.0 | 226-243 / 195-202 |
+| codes used by the held-out set | 1-2 of 512 | 430-447 |
+| test accuracy (chance 0.10) | 0.09-0.20 | 0.965-0.977 |
+| counts < 1% of n/K (tiny non-zero / exactly 0) | 510-511 (278-293 / 218-232) | 0 |
+| loss, last / max | 1.79-2.32 / 5.4-8.7 | 0.05-0.16 / 2.32-2.37 |
 
-What does *not* reproduce the story here, measured while choosing:
+`run_demo` takes 6-11 s on the shared 2-core machine, both runs and both diagnoses (about
+2.5 s per run when the machine is otherwise idle).
 
-* The same bug without the LayerNorm collapses just as fast but heals: the straight-through
-  gradient on a constant output pushes `||z||` up (4 -> 120 in 250 steps) until the inputs reach
-  the x99 rows, which the EMA then pulls back; accuracy recovers to 0.25-0.96.
-* The story's loss of 1e13. With commitment 0.01 and a mean-squared commitment term the loss
+What does *not* reproduce the story here (measured while choosing this setup):
+
+* The same bug without the LayerNorm collapses just as fast but heals. The straight-through
+  gradient on a constant output pushes `||z||` up until inputs reach the x99/c rows, which the
+  EMA then pulls back. At 200 steps accuracy is 0.28-0.45 (perplexity 2.6-4.6); at 400 steps
+  it is 0.62-0.77.
+* The story's loss of 1e13. With commitment 0.01 and a mean-squared commitment term, the loss
   only gets large when inputs are assigned to blown-up rows, and they never are: that is why
-  those rows die. Here the loss spikes once (to 5-10, the head seeing one x20-x100 row at the
-  second step), then sits at ln(10) = 2.3: the model cannot learn. A large loss needs the
-  encoder norm to grow without bound (no LayerNorm, weak commitment), which heals this collapse
-  (see above), or unnormalised inputs on a scale of ~1e3.
-* An evaluation pass with the VQ left in training mode before training (one example) also gives
-  perplexity 1 from the first batch (every code but one is x1e5), but the loss stays below ~40.
+  those rows die. Here the loss spikes once (to 5-9, when the head first sees the inflated row
+  it is given at step 2) and then stays near ln(10) = 2.3, because the model cannot learn. A
+  large loss needs `||z||` to grow without bound (no LayerNorm, weak commitment), and that
+  heals this collapse (see above). It could also come from unnormalised inputs on a ~1e3 scale.
+* An evaluation pass with the VQ left in training mode before training (one example; a
+  larger LayerNorm-free variant) also gives perplexity 1 from the first batch, because every
+  code but one becomes x1e5. But all those counts are exactly 0, and the loss peaks at ~40.
 
-## The fix (vqdoctor's recommendation for ema-divergence, then dead-codes)
-Counts start at ones, so the EMA is consistent from step one (lucidrains >= 1.15.3). Because the
-classifier's encoder moves while it learns, codes it leaves behind are also re-seeded from the
-current batch when their count falls below half the expected n/K, with their statistics reset
-(the dead-code fix; without it this classifier keeps only ~35 of 256 codes in use).
+## The fix (vqdoctor's advice for ema-divergence, then for dead-codes)
+Counts start at ones, so the EMA is consistent from step one (lucidrains >= 1.15.3). A
+classifier's encoder moves while it learns, and strands codes. So codes whose count falls below
+half of n/K are also re-seeded from the current batch, with their statistics reset. Measured
+on seeds 0-2: counts at ones without the re-seeding keep 38-43 of 512 codes in use (vqdoctor:
+dead-codes). Re-seeding alone, with zero counts, also hides this bug: it re-seeds every
+inflated row after the first step.
 
 ## What vqdoctor should say about the collapsing run
-`ema-divergence` (VQ004) first: blown-up rows, the zero-init signature. Then `scale-mismatch`
-(the codebook's median norm ~100x the probe's `||z||`), `dead-codes` (>99% of counts < 1% of
-n/K) and `index-collapse` (perplexity ~1), each `caused_by` "ema-divergence". The fixed run:
-healthy.
+First `ema-divergence` (VQ004, error): blown-up rows, the zero-init signature. Then, each
+`caused_by` a cause above it: `scale-mismatch` (probe `||z||` against the codebook),
+`dead-codes` (>99% of counts below 1% of n/K) and `index-collapse` (perplexity ~1). The fixed
+run should be reported healthy.
 """
 
 from __future__ import annotations
@@ -108,11 +118,11 @@ class DemoConfig:
     classes: int = 10
     modes_per_class: int = 3
     train_size: int = 10_000
-    test_size: int = 2_000
+    test_size: int = 4_096
     hidden: int = 128
-    dim: int = 64
-    codebook_size: int = 256
-    batch_size: int = 256
+    dim: int = 128
+    codebook_size: int = 512
+    batch_size: int = 512
     steps: int = 200
     lr: float = 1e-3
     commitment: float = 0.01
@@ -130,7 +140,10 @@ class DemoResult:
     Attributes:
         collapsed: vqdoctor's report on the collapsing run.
         healthy: vqdoctor's report on the fixed run.
-        collapsed_stats: training statistics of the collapsing run (see `RunStats` keys).
+        collapsed_stats: training statistics of the collapsing run: `perplexity` (last batch),
+            `perplexity_step2` (the first batch after one EMA update), `codes_used` (by the
+            held-out set), `dead_codes` (EMA counts below 1% of n/K), `test_accuracy`,
+            `final_loss`, `max_loss`, `steps`, `seconds`.
         healthy_stats: the same for the fixed run.
         checkpoints: saved files by role: "collapsed", "healthy" (state dicts),
             "collapsed_probe", "healthy_probe" ([N, D] encoder outputs on held-out data) and,
@@ -257,16 +270,20 @@ def perplexity(idx: torch.Tensor, k: int) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
-def train_run(cfg: DemoConfig, *, collapsing: bool, seed: int, workdir: Path,
-              name: str) -> tuple[dict[str, Any], dict[str, Path]]:
+def train_run(cfg: DemoConfig, *, zero_init_counts: bool, replace_below: float | None, seed: int,
+              workdir: Path, name: str, snapshot_step: int | None = None
+              ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Train one run, save its checkpoint(s) and probe.
 
     Args:
         cfg: sizes and hyper-parameters.
-        collapsing: True for the buggy run (zero-initialised counts, no replacement).
+        zero_init_counts: the bug (see `EMAQuantizer`).
+        replace_below: dead-code re-seeding threshold as a fraction of n/K, None for none.
         seed: seeds data, initialisation and batches; both runs with one seed see the same data.
         workdir: where files are written.
         name: file stem, e.g. "collapsed".
+        snapshot_step: also save the model after this step, as `{name}_step{N}.pt` (role
+            `{name}_early`).
 
     Returns:
         (statistics, files by role).
@@ -275,15 +292,14 @@ def train_run(cfg: DemoConfig, *, collapsing: bool, seed: int, workdir: Path,
     g = torch.Generator().manual_seed(seed)
     x_tr, y_tr, x_te, y_te = make_data(cfg, g)
     torch.manual_seed(seed)  # module initialisation (global RNG, restored by the caller)
-    model = TinyVQClassifier(cfg, zero_init_counts=collapsing,
-                             replace_below=None if collapsing else cfg.replace_below)
+    model = TinyVQClassifier(cfg, zero_init_counts=zero_init_counts, replace_below=replace_below)
     with torch.no_grad():
         model.quantizer.init_from(model.encoder(x_tr[: 8 * cfg.codebook_size]), g)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     files: dict[str, Path] = {}
     losses: list[float] = []
-    batch_ppl = float("nan")
+    batch_ppl = ppl_step2 = float("nan")
     model.train()
     for step in range(1, cfg.steps + 1):
         i = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=g)
@@ -295,7 +311,9 @@ def train_run(cfg: DemoConfig, *, collapsing: bool, seed: int, workdir: Path,
         opt.step()
         losses.append(loss.item())
         batch_ppl = perplexity(idx, cfg.codebook_size)
-        if collapsing and step == cfg.snapshot_step:
+        if step == 2:  # the first batch that meets the codebook after one EMA update
+            ppl_step2 = batch_ppl
+        if step == snapshot_step:
             files[f"{name}_early"] = workdir / f"{name}_step{step}.pt"
             torch.save(model.state_dict(), files[f"{name}_early"])
     model.eval()
@@ -311,6 +329,7 @@ def train_run(cfg: DemoConfig, *, collapsing: bool, seed: int, workdir: Path,
     torch.save(z.contiguous(), files[f"{name}_probe"])
     stats: dict[str, Any] = {
         "perplexity": batch_ppl,
+        "perplexity_step2": ppl_step2,
         "codes_used": int(torch.unique(idx).numel()),
         "dead_codes": int((counts < 0.01 * expected).sum()),
         "test_accuracy": acc,
@@ -351,12 +370,14 @@ def run_demo(workdir: Path, *, seed: int = 0, progress: Callable[[str], None] | 
         with torch.random.fork_rng(devices=[]):
             say(f"training the collapsing run (seed {seed}, {cfg.steps} steps, "
                 f"EMA counts zero-initialised)...")
-            c_stats, c_files = train_run(cfg, collapsing=True, seed=seed, workdir=workdir,
-                                         name="collapsed")
+            c_stats, c_files = train_run(cfg, zero_init_counts=True, replace_below=None, seed=seed,
+                                         workdir=workdir, name="collapsed",
+                                         snapshot_step=cfg.snapshot_step)
             say(f"training the fixed run (seed {seed}, {cfg.steps} steps, "
                 f"counts start at ones, dead codes re-seeded)...")
-            h_stats, h_files = train_run(cfg, collapsing=False, seed=seed, workdir=workdir,
-                                         name="healthy")
+            h_stats, h_files = train_run(cfg, zero_init_counts=False,
+                                         replace_below=cfg.replace_below, seed=seed,
+                                         workdir=workdir, name="healthy")
         say("diagnosing the collapsing run...")
         c_paths = [c_files[k] for k in ("collapsed_early", "collapsed") if k in c_files]
         collapsed = inspect_checkpoints(c_paths, probe=c_files["collapsed_probe"])

@@ -117,11 +117,19 @@ def demo(
             out.print(Text("Inspect the saved checkpoints yourself:", style="bold"))
             if keep is None:
                 out.print(Text(f"  vqdoctor demo --seed {seed} --keep {KEEP_HINT_DIR}"))
-            for name, path in checkpoints.items():
-                shown = (Path(KEEP_HINT_DIR) / Path(path).resolve().relative_to(workdir.resolve())
-                         if keep is None and _inside(Path(path), workdir) else Path(path))
-                out.print(Text(f"  vqdoctor inspect {shlex.quote(str(shown))}"
-                               f"    # {name}"))
+            def shown(path: Path) -> str:
+                p = (Path(KEEP_HINT_DIR) / Path(path).resolve().relative_to(workdir.resolve())
+                     if keep is None and _inside(Path(path), workdir) else Path(path))
+                return shlex.quote(str(p))
+
+            for run in ("collapsed", "healthy"):
+                if run not in checkpoints:
+                    continue
+                early = checkpoints.get(f"{run}_early")
+                paths = " ".join(shown(p) for p in (early, checkpoints[run]) if p is not None)
+                probe = checkpoints.get(f"{run}_probe")
+                probe_opt = f" --probe {shown(probe)}" if probe is not None else ""
+                out.print(Text(f"  vqdoctor inspect {paths}{probe_opt}"))
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -160,9 +160,15 @@ def _geometry(cb: torch.Tensor, cosine: bool, live: torch.Tensor | None = None) 
         out["zero_rows"] = float(zero)
         out["zero_row_fraction"] = zero / (H * K)
 
+    # Spacing, duplicates and rank describe the rows at the codebook's working scale: blown-up
+    # rows (zero-initialised EMA counts) would inflate the median spacing until ordinary rows
+    # look like duplicates, and rows decayed to ~0 are dead codes, not redundant ones.
+    keep = row_ok.clone()
+    if norms.numel() and ref > 0 and not cosine:
+        keep &= (all_norms <= BLOWUP_FACTOR * ref) & (all_norms >= ZERO_REL * ref)
     dups, meds, ranks, rank_fracs = [], [], [], []
     for h in range(H):
-        x = cb[h] if not bad_rows else cb[h][row_ok[h]]
+        x = cb[h][keep[h]]
         if x.shape[0] < 2:
             continue
         if cosine:

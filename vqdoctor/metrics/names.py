@@ -33,7 +33,8 @@ CODEBOOK = {
     "zero_rows": "rows with norm < 1e-3 x code_norm_median, or exactly 0 (collapsed to ~0)",
     "zero_row_fraction": "zero_rows / (H x K)",
     "duplicate_fraction": "fraction of codes with another code closer than 1e-2 x median inter-code distance, or identical "
-                          "(within a deterministic sample of 4096 codes; cosine codebooks: on l2-normalised rows)",
+                          "(within a deterministic sample of 4096 codes; cosine codebooks: on l2-normalised rows; "
+                          "euclidean: over rows at the working scale, blown-up and ~0 rows excluded)",
     "intercode_dist_median": "median pairwise distance between codes (sampled above 4096 codes; cosine: l2-normalised rows)",
     "effective_rank": "exp(entropy of normalised singular values) of the centred codebook",
     "effective_rank_fraction": "effective_rank / min(K, D)",

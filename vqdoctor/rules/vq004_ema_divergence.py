@@ -74,7 +74,7 @@ from vqdoctor.rules.base import (
 SPEC = RuleSpec(code="VQ004", id="ema-divergence",
                 title="EMA statistics inconsistent with the data they track",
                 explains=("non-finite", "scale-mismatch", "dead-codes", "index-collapse",
-                          "loss-divergence"),
+                          "loss-divergence", "codebook-redundancy"),
                 doc=__doc__)
 
 

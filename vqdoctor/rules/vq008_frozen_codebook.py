@@ -49,7 +49,8 @@ from vqdoctor.rules import _series as S
 from vqdoctor.rules.base import Evidence, Finding, QuantizerEvidence, RuleSpec, Severity, rule
 
 SPEC = RuleSpec(code="VQ008", id="frozen-codebook", title="The codebook does not move",
-                explains=("scale-mismatch", "dead-codes", "index-collapse"), doc=__doc__)
+                explains=("scale-mismatch", "dead-codes", "index-collapse", "codebook-redundancy"),
+                doc=__doc__)
 
 _EMA_FIX = ("EMA updates are not happening: set decay below 1 (0.8-0.99), keep the quantizer in "
             "training mode while training, and check the update is not disabled.")

@@ -449,11 +449,13 @@ class _QProbe:
         dmin = torch.cdist(z, cb).amin(-1)                       # [H, n/H]
         rel = (dmin / torch.linalg.vector_norm(z, dim=-1).clamp_min(1e-30)).median()
         if self.spacing_index is None or self.spacing_index.device != cb.device:
+            # built on the device by arithmetic: a host->device copy of an index list would
+            # synchronise; m <= K evenly spaced rows round to distinct indices
             m = min(K, SPACING_CODES)
-            rows = torch.linspace(0, K - 1, m).round().long().unique()
-            iu = torch.triu_indices(len(rows), len(rows), offset=1)
-            self.spacing_index = rows.to(cb.device)
-            self.spacing_pairs = (iu[0] * len(rows) + iu[1]).to(cb.device)
+            step = (K - 1) / max(m - 1, 1)
+            self.spacing_index = (torch.arange(m, device=cb.device, dtype=torch.float64) * step).round().long()
+            iu = torch.triu_indices(m, m, offset=1, device=cb.device)
+            self.spacing_pairs = iu[0] * m + iu[1]
         sub = cb.index_select(1, self.spacing_index)               # [H, m, D]
         d = torch.cdist(sub, sub).reshape(H, -1).index_select(1, self.spacing_pairs)
         return dmin.median(), (d.median() if d.numel() else self.rec.nan), rel
@@ -526,7 +528,7 @@ class _QProbe:
         with torch.no_grad():
             flat = cb.detach().float().reshape(-1, cb.shape[-1])
             if self.fp_index is None or self.fp_index.device != flat.device:
-                self.fp_index = torch.tensor(self.fp_rows, device=flat.device, dtype=torch.int64)
+                self.fp_index = torch.tensor(self.fp_rows, dtype=torch.int64).to(flat.device)  # at a flush
             rows = flat.index_select(0, self.fp_index).reshape(-1)
             v = flat.reshape(-1)
             m = v.numel() // FP_BLOCKS
@@ -936,7 +938,7 @@ class Recorder:
         self._loss_host = {k: v for k, v in self._loss_host.items() if k >= self.interval_start}
         self._loss_dev_steps = {k for k in self._loss_dev_steps if k >= self.interval_start}
         self.store.append(records)
-        for cb in list(self.on_flush):
+        for cb in list(self.on_flush) if records else ():
             try:
                 cb(records)
             except Exception as e:
