@@ -81,6 +81,56 @@ def test_blowup_and_zero_rows():
     assert m["code_norm_min"] == 0.0
 
 
+def test_a_row_blown_up_past_float32_squares_is_finite_not_nonfinite():
+    # |e| ~ 1e20: its float32 sum of squares overflows, but the row is finite (float64 recompute).
+    cb = torch.randn(100, 8)
+    cb[7] = 1e20
+    m = codebook_metrics(state(cb, kind="vq"))
+    assert m["nonfinite_rows"] == 0.0 and m["nonfinite_codebook"] == 0.0
+    assert m["blowup_rows"] == 1.0 and m["code_norm_max"] == pytest.approx(1e20 * math.sqrt(8), rel=1e-6)
+
+
+def test_geometry_samples_the_kept_rows_like_the_functions_do():
+    # K above the pairwise sample: spacing, duplicates and rank are those of the functions run on
+    # the kept (non-zero, non-blown-up) rows, with the same deterministic 4096-row sample.
+    g = torch.Generator().manual_seed(5)
+    cb = torch.randn(5000, 8, generator=g)
+    cb[10:20] = 0.0
+    cb[30] *= 1e4
+    cb[40:44] = cb[50]
+    keep = torch.ones(5000, dtype=torch.bool)
+    keep[10:20] = False
+    keep[30] = False
+    m = codebook_metrics(state(cb, kind="vq"))
+    med, dup = F.pairwise_summary(cb[keep], 1e-2, 4096)
+    assert m["intercode_dist_median"] == med
+    assert m["duplicate_fraction"] == float(dup.double().mean())
+    assert m["effective_rank"] == F.effective_rank(cb[keep], 4096)
+    assert m["effective_rank_fraction"] == pytest.approx(m["effective_rank"] / 8)
+
+
+def test_reference_norm_is_weighted_by_usage():
+    # Early in a run without k-means (lucidrains, ones-initialised counts): 200 codes never
+    # selected still hold their tiny initial rows, 24 used codes sit at the data scale. The
+    # scale inputs are matched against is the used codes', so nothing is "blown up".
+    g = torch.Generator().manual_seed(0)
+    cb = torch.cat([torch.randn(24, 16, generator=g) * 8, torch.randn(200, 16, generator=g) * 0.01])
+    counts = torch.cat([torch.full((24,), 40.0), torch.full((200,), 0.8 ** 5)])
+    m = codebook_metrics(state(cb, counts))
+    assert m["code_norm_median"] == pytest.approx(F.weighted_median(F.row_norms(cb), counts))
+    assert m["code_norm_median"] > 10 and m["blowup_rows"] == 0.0
+    # Without counts the plain median is all there is.
+    assert codebook_metrics(state(cb, kind="vq"))["code_norm_median"] < 1
+
+
+def test_weighted_median():
+    v = torch.tensor([3.0, 1.0, 2.0, 100.0])
+    assert F.weighted_median(v, torch.ones(4)) == 2.0  # lower median, like torch.median
+    assert F.weighted_median(v, torch.tensor([0.0, 0.0, 1.0, 5.0])) == 100.0
+    assert F.weighted_median(v, torch.tensor([1.0, float("nan"), -1.0, 0.0])) == 3.0
+    assert F.weighted_median(v, torch.zeros(4)) is None
+
+
 def test_nan_rows_are_counted_and_the_finite_part_is_measured():
     g = torch.Generator().manual_seed(3)
     cb = torch.randn(50, 6, generator=g)
@@ -198,6 +248,12 @@ def test_replaced_fraction():
     assert codebook_metrics(state(torch.randn(100, 4), never))["replaced_fraction"] == 0.0
     # The untouched initial state (all ones) is not a replacement either.
     assert codebook_metrics(state(torch.randn(100, 4), torch.ones(100)))["replaced_fraction"] == 0.0
+    # Ties above the smallest count are not resets (replacement leaves no code below the reset
+    # value): integer k-means bin sizes frozen by decay 1.0, codes decaying in lockstep.
+    bins = counts.clone()
+    bins[:10] = 6.0
+    bins[10] = 1.5
+    assert codebook_metrics(state(torch.randn(100, 4), bins))["replaced_fraction"] == 0.0
     # A known reset value below 1 is used as given.
     small = counts.clone()
     small[:7] = 0.1
@@ -256,6 +312,6 @@ def test_property_nonfinite_anywhere_never_leaks(seed):
     assert got["nonfinite_rows"] == float((~torch.isfinite(cb).all(-1)).sum())
     assert got["nonfinite_total"] == float((~torch.isfinite(cb)).sum() + (~torch.isfinite(n)).sum()
                                            + (~torch.isfinite(m)).sum())
-    finite_rows = cb[0][torch.isfinite(cb[0]).all(-1)]
-    assert got["code_norm_median"] == pytest.approx(float(F.row_norms(finite_rows).median()))
+    rows = torch.isfinite(cb[0]).all(-1)  # the count-weighted median over finite rows
+    assert got["code_norm_median"] == pytest.approx(F.weighted_median(F.row_norms(cb[0][rows]), n[0][rows]))
     assert 0.0 <= got["dead_fraction"] <= 1.0 and got["perplexity"] >= 1.0

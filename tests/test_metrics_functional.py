@@ -110,6 +110,47 @@ def test_row_norms():
     assert F.row_norms(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist() == [5.0, 0.0]
 
 
+def test_row_norms_recompute_float32_overflow_and_underflow_rows():
+    # float32 squares overflow above ~1.8e19 and underflow below ~1e-19: those rows are redone in
+    # float64, so a finite row always has a finite, exact norm (a blown-up row is not non-finite).
+    x = torch.tensor([[[3e20, 4e20], [3e-25, 4e-25], [3.0, 4.0]],
+                      [[float("nan"), 1.0], [float("inf"), 0.0], [0.0, 0.0]]])
+    n = F.row_norms(x)
+    assert n.dtype == torch.float64 and n.shape == (2, 3)
+    assert n[0].tolist() == pytest.approx([5e20, 5e-25, 5.0], rel=1e-6)
+    assert math.isnan(float(n[1, 0])) and float(n[1, 1]) == math.inf and float(n[1, 2]) == 0.0
+    torch.testing.assert_close(F.row_norms(x.double()), torch.linalg.vector_norm(x.double(), dim=-1),
+                               rtol=0, atol=0, equal_nan=True)  # float64 input: one float64 pass
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(300, 7, generator=g) * torch.logspace(-30, 30, 300).unsqueeze(1)
+    assert torch.allclose(F.row_norms(y), torch.linalg.vector_norm(y.double(), dim=-1), rtol=1e-6)
+
+
+def test_nonfinite_count_is_exact():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 9, generator=g)
+    assert F.nonfinite_count(x) == 0
+    x[3, 1], x[3, 4], x[10, 0], x[49, 8] = float("nan"), float("inf"), -float("inf"), float("nan")
+    x[20] = 3e38  # finite row whose sum overflows: checked element-wise, counts 0
+    assert F.nonfinite_count(x) == 4 == int((~torch.isfinite(x)).sum())
+    assert F.nonfinite_count(x.reshape(5, 10, 9)) == 4
+    assert F.nonfinite_count(torch.tensor(float("nan"))) == 1 and F.nonfinite_count(torch.tensor(1.0)) == 0
+    assert F.nonfinite_count(torch.ones(3, dtype=torch.long)) == 0 and F.nonfinite_count(torch.empty(0, 4)) == 0
+
+
+def test_ema_residual_blocks_match_the_direct_float64_formula(monkeypatch):
+    # Several row blocks (K not a multiple of the block) and two heads: blocking must not matter.
+    g = torch.Generator().manual_seed(2)
+    e, m = torch.randn(2, 37, 5, generator=g), torch.randn(2, 37, 5, generator=g)
+    n = torch.rand(2, 37, generator=g) * 4
+    monkeypatch.setattr(F, "STREAM_ELEMENTS", 40)  # 4 rows of 2 x 5 per block
+    for cosine in (False, True):
+        t = m.double() / F.laplace_smooth(n).unsqueeze(-1)
+        t = F.l2normalize(t) if cosine else t
+        want = torch.linalg.vector_norm(e.double() - t, dim=-1) / torch.linalg.vector_norm(e.double(), dim=-1)
+        assert torch.allclose(F.ema_residual(e, m, n, cosine=cosine), want, rtol=1e-12, atol=0)
+
+
 def test_effective_rank_of_rank_two_codebook():
     g = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(16, 2, generator=g))
@@ -134,6 +175,34 @@ def test_near_duplicates():
     assert sorted(torch.nonzero(dup).flatten().tolist()) == [3, 5, 7, 9]
     assert not F.near_duplicates(torch.zeros(1, 4)).any()
     assert F.near_duplicates(torch.zeros(5, 4)).all()  # identical rows, median distance 0
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 9, 50])
+def test_pairwise_stats_match_brute_force_across_blocks(monkeypatch, k):
+    # Upper-triangle row blocks (3 rows each here) against the full float64 distance matrix:
+    # median over pairs i < j (lower median) and every row's nearest other code.
+    g = torch.Generator().manual_seed(k)
+    cb = torch.randn(k, 6, generator=g) + 50.0
+    if k > 4:
+        cb[4] = cb[1]
+    monkeypatch.setattr(F, "PAIR_BLOCK_ELEMENTS", 3 * k)
+    med, dup = F.pairwise_summary(cb, rel=1e-2, max_codes=None)
+    d = torch.cdist(cb.double(), cb.double())
+    pairs = d[torch.ones(k, k, dtype=torch.bool).triu(1)].sort().values
+    assert med == pytest.approx(float(pairs[(pairs.numel() - 1) // 2]), rel=1e-5)
+    nearest = (d + torch.diag(torch.full((k,), math.inf, dtype=torch.float64))).min(1).values
+    _, got = F._pairwise_stats(cb)
+    assert torch.allclose(got, nearest, rtol=1e-5, atol=1e-4)
+    assert dup.tolist() == (nearest < 1e-2 * med).tolist()
+
+
+def test_sample_masked_rows_equals_sampling_the_masked_table():
+    g = torch.Generator().manual_seed(0)
+    table, mask = torch.randn(1000, 3, generator=g), torch.rand(1000, generator=g) > 0.3
+    want = table[mask][F.sample_rows(int(mask.sum()), 100)]
+    got, n = F.sample_masked_rows(table, mask, 100)
+    assert n == int(mask.sum()) and torch.equal(got, want)
+    assert torch.equal(F.sample_masked_rows(table, mask, None)[0], table[mask])
 
 
 def test_sampling_is_deterministic_and_bounded():

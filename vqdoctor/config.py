@@ -9,6 +9,16 @@ current directory::
 and on the command line as `--threshold dead-codes.warn_fraction=0.3` (a rule may be named by
 id or code). Command-line values win. Values are checked against the rule's threshold names and
 converted to the type of their defaults, so a typo fails fast with one line (exit 2).
+
+The CI gate's thresholds live under `[tool.vqdoctor.gate]`, with per-quantizer tables keyed by
+an fnmatch pattern of the quantizer's name (values are checked by `vqdoctor.gate`)::
+
+    [tool.vqdoctor.gate]
+    min_perplexity = "5%"
+    min_usage = 0.25
+
+    [tool.vqdoctor.gate.quantizers."quantizer.layers.*"]
+    min_usage = 0.1
 """
 
 from __future__ import annotations
@@ -46,12 +56,14 @@ class Config:
         path: the file read, or None when there was none (or it could not be parsed).
         settings: the whole `[tool.vqdoctor]` table, for commands that read more than thresholds.
         thresholds: `[tool.vqdoctor.thresholds]`, keyed as written (rule id or code).
+        gate: `[tool.vqdoctor.gate]`, as written (a `quantizers` key holds the per-pattern tables).
         notes: things the user should know (e.g. the file was ignored), one line each.
     """
 
     path: Path | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     thresholds: Thresholds = dataclasses.field(default_factory=dict)
+    gate: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
 
@@ -62,7 +74,7 @@ def load_config(directory: str | Path | None = None) -> Config:
     `tomli` the file is ignored, with a note.
 
     Raises:
-        ConfigError: the file is not valid TOML, or the thresholds table is malformed.
+        ConfigError: the file is not valid TOML, or the thresholds or gate table is malformed.
     """
     path = Path(directory or ".") / PYPROJECT
     if not path.is_file():
@@ -82,7 +94,15 @@ def load_config(directory: str | Path | None = None) -> Config:
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise ConfigError("[tool.vqdoctor.thresholds] must hold one table per rule, e.g. "
                           "[tool.vqdoctor.thresholds.dead-codes]", path=str(path))
-    return Config(path=path, settings=settings, thresholds={k: dict(v) for k, v in raw.items()})
+    gate = settings.get("gate", {})
+    quantizers = gate.get("quantizers", {}) if isinstance(gate, dict) else None
+    if not isinstance(gate, dict) or not isinstance(quantizers, dict) \
+            or not all(isinstance(v, dict) for v in quantizers.values()):
+        raise ConfigError("[tool.vqdoctor.gate] must be a table, with one table per quantizer "
+                          'pattern, e.g. [tool.vqdoctor.gate.quantizers."quantizer.*"]',
+                          path=str(path))
+    return Config(path=path, settings=settings, thresholds={k: dict(v) for k, v in raw.items()},
+                  gate=dict(gate))
 
 
 def parse_threshold_options(values: Sequence[str]) -> Thresholds:

@@ -71,6 +71,28 @@ def test_residual_group_scope():
     assert by_q == {"rvq.layers.0": None, "rvq.layers.1": "ema-divergence", "other": None}
 
 
+def test_residual_stages_explain_downstream_only_and_own_stage_first():
+    # encodec RVQ without k-means: stage 1 blew up, stage 0 has dead codes of its own. Stage 0
+    # never sees stage 1, so stage 1's mechanism cannot explain it.
+    groups = {"rvq.layers.0": "rvq", "rvq.layers.1": "rvq"}
+    stages = {"rvq.layers.0": 0, "rvq.layers.1": 1}
+    found = [f("ema-divergence", "rvq.layers.1"), f("dead-codes", "rvq.layers.0"),
+             f("dead-codes", "rvq.layers.1")]
+    ranked = rank(found, RULES, groups, stages)
+    by_q = {(x.id, x.quantizer): x.caused_by for x in ranked}
+    assert by_q[("dead-codes", "rvq.layers.0")] is None
+    assert by_q[("dead-codes", "rvq.layers.1")] == "ema-divergence"
+    # both stages blew up: each stage's symptom hangs under its own stage's cause
+    found = [f("ema-divergence", "rvq.layers.0"), f("ema-divergence", "rvq.layers.1"),
+             f("dead-codes", "rvq.layers.1")]
+    ranked = rank(found, RULES, groups, stages)
+    order = [(x.id, x.quantizer) for x in ranked]
+    assert order.index(("dead-codes", "rvq.layers.1")) == order.index(("ema-divergence", "rvq.layers.1")) + 1
+    # without stages the old behaviour holds: any stage of the group may explain any other
+    assert rank([f("ema-divergence", "rvq.layers.1"), f("dead-codes", "rvq.layers.0")], RULES,
+                groups)[1].caused_by == "ema-divergence"
+
+
 def test_info_findings_come_last_and_explain_nothing():
     found = [f("rank-desync", severity="info"), f("dead-codes", severity="warning"),
              f("index-collapse")]

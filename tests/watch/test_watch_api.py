@@ -183,3 +183,43 @@ def test_window_metrics_over_a_window(tmp_path):
     assert (q["window_steps"] == 4).all()
     assert q.loc[5, "window_tokens"] == 4 * 512 and q.loc[1, "window_tokens"] == 2 * 512
     assert math.isclose(q.loc[11, "window_tokens"], 2 * 512 + 10 * 512)  # reaches back a whole interval
+
+
+def test_flush_in_the_middle_of_a_step_keeps_that_step(tmp_path):
+    model, _, _ = _lucid()
+    data = make_data(6)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    with vqdoctor.watch(model, tmp_path / "run", flush_every=50) as doctor:
+        for i, x in enumerate(data):
+            y, aux = model(x)
+            loss = torch.nn.functional.mse_loss(y, x) + aux
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i == 3:
+                doctor.report()  # flushes steps 0-2; step 3 is under way
+            doctor.step(loss=loss)
+    q = vqdoctor.load_run(tmp_path / "run")
+    q = q[q.quantizer == "quantizer"].set_index("step")
+    assert list(q.index) == list(range(6)) and (q["tokens"] == 512).all()
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["codebook-per-head", "shared-codebook"])
+def test_multi_head_counts(tmp_path, separate):
+    model = QuantAE(lucid_vq(dim=16, codebook_size=32, heads=2, separate_codebook_per_head=separate,
+                             kmeans_init=True, decay=0.8))
+    seen: list[torch.Tensor] = []
+    model.quantizer.register_forward_hook(lambda m, a, out: seen.append(out[1].detach().clone()))
+    with vqdoctor.watch(model, tmp_path / "run", flush_every=10, stats_every=5) as doctor:
+        assert doctor.quantizers[0].describe()["heads"] == (2 if separate else 1)
+        train(model, make_data(8), doctor=doctor)
+    q = vqdoctor.load_run(tmp_path / "run")
+    q = q[q.quantizer == "quantizer"].set_index("step")
+    idx = seen[5]  # [B, N, heads]
+    if separate:  # per-head perplexity, averaged over heads
+        ref = sum(_perplexity(idx[..., h], 32) for h in range(2)) / 2
+    else:  # one codebook: both heads' indices count together
+        ref = _perplexity(idx, 32)
+    assert math.isclose(q.loc[5, "perplexity"], ref, rel_tol=1e-9)
+    assert q.loc[5, "tokens"] == (512 if separate else 1024)
+    assert q["nearest_dist_median"].notna().sum() == 2

@@ -82,7 +82,7 @@ def test_bitwise_identical_to_unwatched(tmp_path, build):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert (pa.grad is None) == (pb.grad is None), name
         if pa.grad is not None:
             assert torch.equal(pa.grad, pb.grad), name

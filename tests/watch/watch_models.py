@@ -141,3 +141,33 @@ def diffusers_vq(codebook_size: int = 32, dim: int = 16, beta: float = 0.25) -> 
 def unpack_diffusers(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_q, loss) of diffusers' (z_q, loss, (perplexity, encodings, indices))."""
     return out[0], out[1]
+
+
+class SyncFreeEMAQuantizer(nn.Module):
+    """Sonnet-style EMA VQ with no host reads and no data-dependent shapes (CUDA-sync-free):
+    argmin, scatter one-hot, EMA with Laplace smoothing, straight-through. Input [..., D]."""
+
+    def __init__(self, dim: int = 16, codebook_size: int = 64, decay: float = 0.99, eps: float = 1e-5,
+                 beta: float = 0.25):
+        super().__init__()
+        self.decay, self.eps, self.beta, self.K = decay, eps, beta, codebook_size
+        embed = torch.randn(codebook_size, dim)
+        self.register_buffer("embed", embed)
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = z.reshape(-1, z.shape[-1])
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)
+        idx = dist.argmin(1)
+        q = self.embed.index_select(0, idx).view_as(z)
+        if self.training:
+            with torch.no_grad():
+                onehot = torch.zeros(flat.shape[0], self.K, device=z.device, dtype=flat.dtype)
+                onehot.scatter_(1, idx[:, None], 1.0)
+                self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+                self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat.detach(), alpha=1 - self.decay)
+                n = self.cluster_size.sum()
+                smoothed = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
+                self.embed.copy_(self.embed_avg / smoothed[:, None])
+        return z + (q - z).detach(), self.beta * F.mse_loss(z, q.detach()), idx.view(z.shape[:-1])

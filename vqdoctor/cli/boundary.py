@@ -45,7 +45,9 @@ def debug_enabled() -> bool:
     return _state["debug"] or env in ("1", "true", "yes", "on")
 
 
-def _one_line(text: str, limit: int = 500) -> str:
+def _one_line(text: str, limit: int = 1000) -> str:
+    # The limit guards against runaway exception text; vqdoctor's own messages (a path of up to a
+    # few hundred characters, the problem and a hint) must fit whole.
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

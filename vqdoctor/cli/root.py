@@ -9,6 +9,7 @@ import typer
 
 from vqdoctor import __version__
 from vqdoctor.cli import demo as demo_cmd
+from vqdoctor.cli import gate as gate_cmd
 from vqdoctor.cli import inspect as inspect_cmd
 from vqdoctor.cli import rules as rules_cmd
 from vqdoctor.cli.boundary import EXIT_ERROR, boundary, internal_error, set_debug
@@ -49,6 +50,7 @@ def root(
 # from its own module, when they exist.
 app.command("demo")(demo_cmd.demo)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("gate")(gate_cmd.gate)
 app.command("rules")(rules_cmd.rules)
 
 

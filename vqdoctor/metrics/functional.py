@@ -20,6 +20,18 @@ SAMPLE_SEED = 0
 # Elements per distance block: bounds the memory of chunked pairwise / nearest-code searches
 # (2**24 float32 = 64 MiB).
 BLOCK_ELEMENTS = 2 ** 24
+# Elements per block of the streaming passes over a whole table (float64 EMA residuals, norm
+# recomputes, Gram accumulation): 2**18 float64 = 2 MiB
+# temporaries stay cache-sized, where 8192-row (16 MiB) float64 blocks of a 65536 x 256 table
+# ran ~6x slower (each fresh block is page-faulted in, and every pass streams from RAM).
+STREAM_ELEMENTS = 2 ** 18
+# Distances per block of `_pairwise_stats` (2**20 float32 = 4 MiB): on 4096 x 256 codes
+# 2**18..2**20 ran equally fast, 2**22 ~25% slower (the block leaves cache).
+PAIR_BLOCK_ELEMENTS = 2 ** 20
+# A float32 row norm below this may have lost digits to underflow (an element under ~1e-19
+# squares below float32's normal range); such rows, and rows whose float32 sum of squares
+# overflowed (|e| above ~1e19), are recomputed in float64 by `row_norms`.
+F32_NORM_MIN = 1e-10
 
 
 def as_hk(t: torch.Tensor) -> torch.Tensor:
@@ -125,13 +137,78 @@ def dead_mask(counts: torch.Tensor, rel: float = 0.01, floor: float = 0.0) -> to
 def row_norms(codebook: torch.Tensor) -> torch.Tensor:
     """L2 norm of every code vector: |e_i| = sqrt(sum_d e_id^2).
 
+    Summed in float32 (a float64 pass would first copy a 65536 x 256 table to 128 MiB of
+    float64 and take ~20x longer); float32 keeps ~1e-7 relative accuracy, more than any
+    norm statistic needs. Rows where float32 is not exact enough are recomputed in float64:
+    a finite row whose squares overflow float32 (|e| > ~1e19, a blown-up row) would read
+    +inf, i.e. non-finite, and a row of tiny values could underflow to 0. So a row's norm is
+    finite iff all its elements are, as with a float64 sum. float64 input stays float64.
+
     Args:
         codebook: `[..., K, D]`.
 
     Returns:
         float64 `[..., K]` (NaN/Inf rows give NaN/Inf).
     """
-    return torch.linalg.vector_norm(codebook.detach(), dim=-1, dtype=torch.float64)
+    x = codebook.detach()
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dim=-1)
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).to(torch.float64)
+    redo = (~torch.isfinite(norms) | (norms < F32_NORM_MIN)).view(-1).nonzero().squeeze(1)
+    if redo.numel():
+        flat, rows = norms.view(-1), x.reshape(-1, x.shape[-1])
+        step = max(1, STREAM_ELEMENTS // max(x.shape[-1], 1))
+        for s in range(0, redo.numel(), step):
+            i = redo[s:s + step]
+            flat[i] = torch.linalg.vector_norm(rows[i], dim=-1, dtype=torch.float64)
+    return norms
+
+
+def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> float | None:
+    """Lower weighted median: the smallest v_i with sum_{v_j <= v_i} w_j >= sum_j w_j / 2.
+
+    With equal weights this is the lower median (`torch.median`). Entries whose value or weight
+    is non-finite, or whose weight is <= 0, take no part.
+
+    Args:
+        values: `[n]` values.
+        weights: `[n]` weights (e.g. EMA counts).
+
+    Returns:
+        the median, or None when no entry has a positive finite weight.
+    """
+    v, w = values.detach().reshape(-1).to(torch.float64), weights.detach().reshape(-1).to(torch.float64)
+    ok = torch.isfinite(v) & torch.isfinite(w) & (w > 0)
+    if not bool(ok.any()):
+        return None
+    v, w = v[ok], w[ok]
+    order = torch.argsort(v)
+    cum = torch.cumsum(w[order], 0)
+    i = int(torch.searchsorted(cum, cum[-1] / 2))
+    return float(v[order][min(i, v.numel() - 1)])
+
+
+def nonfinite_count(t: torch.Tensor) -> int:
+    """Number of NaN/Inf elements of `t`, without an element-wise mask of the whole tensor.
+
+    A row sum is non-finite whenever one of its elements is (NaN and Inf propagate), so only
+    rows whose sum is non-finite are checked element by element; a row whose sum merely
+    overflowed is checked too and counts 0. One read of `t`, `[..., K]`-sized temporaries.
+
+    Args:
+        t: any tensor (non-floating dtypes have no non-finite values).
+
+    Returns:
+        the exact count.
+    """
+    t = t.detach()
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return 0
+    rows = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
+    suspect = ~torch.isfinite(rows.sum(-1))
+    if not bool(suspect.any()):
+        return 0
+    return int((~torch.isfinite(rows[suspect])).sum())
 
 
 def l2normalize(x: torch.Tensor) -> torch.Tensor:
@@ -181,16 +258,19 @@ def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Ten
     nt = counts.detach().to(torch.float64) if smoothed else laplace_smooth(counts, eps)
     k, d = embed.shape[-2], embed.shape[-1]
     out = torch.empty(nt.shape, dtype=torch.float64)
-    # float64 over row blocks: the table may be 65536 x 256 and a float64 copy of it is not needed.
-    step = max(1, BLOCK_ELEMENTS // 8 // max(d * int(nt[..., :1].numel()), 1))
+    # float64 over small row blocks: the table may be 65536 x 256 and a float64 copy of it is
+    # not needed; cache-sized blocks, updated in place, keep the pass memory-bound at float32
+    # read speed (the arithmetic is the same element by element, so the result is too).
+    step = max(1, STREAM_ELEMENTS // max(d * int(nt[..., :1].numel()), 1))
     for s in range(0, k, step):
         e = embed[..., s:s + step, :].detach().to(torch.float64)
-        t = embed_avg[..., s:s + step, :].detach().to(torch.float64) / nt[..., s:s + step].unsqueeze(-1)
+        t = embed_avg[..., s:s + step, :].detach().to(torch.float64)
+        t.div_(nt[..., s:s + step].unsqueeze(-1))
         if cosine:
             t = l2normalize(t)
-        num = torch.linalg.vector_norm(e - t, dim=-1)
-        r = num / torch.linalg.vector_norm(e, dim=-1)
-        out[..., s:s + step] = torch.where(num == 0, torch.zeros_like(r), r)
+        den = torch.linalg.vector_norm(e, dim=-1)
+        num = torch.linalg.vector_norm(t.sub_(e), dim=-1)  # |t - e| = |e - t|
+        out[..., s:s + step] = (num / den).masked_fill_(num == 0, 0.0)
     return out
 
 
@@ -211,29 +291,74 @@ def sample_rows(n: int, max_rows: int | None, generator: torch.Generator | None 
     return torch.randperm(n, generator=g)[:max_rows].sort().values
 
 
+def sample_masked_rows(table: torch.Tensor, mask: torch.Tensor, max_rows: int | None,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """The rows `sample_rows` would pick from `table[mask]`, gathered without copying `table[mask]`.
+
+    Indices are sampled first and only the sampled rows are read, so a 65536 x 256 table with a
+    4096-row sample copies 4 MiB, not 64 MiB; the rows (and their order) are those of
+    `table[mask][sample_rows(mask.sum(), max_rows, generator)]`.
+
+    Args:
+        table: `[K, D]` rows.
+        mask: bool `[K]`, rows eligible.
+        max_rows: sample size bound (None: every masked row).
+        generator: randomness for the sample.
+
+    Returns:
+        (`[min(n, max_rows), D]` rows, n = number of masked rows).
+    """
+    rows = mask.nonzero().squeeze(1)  # ascending, as boolean indexing orders them
+    pick = sample_rows(int(rows.numel()), max_rows, generator)
+    return table.index_select(0, rows if pick is None else rows[pick]), int(rows.numel())
+
+
 def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Median off-diagonal distance and each row's nearest-other distance.
 
     Rows are centred on the coordinate-wise median first: distances do not change, and the
-    float32 `|a|^2 + |b|^2 - 2ab` expansion cdist uses keeps its error small relative to the
-    spread of the codes even when all codes sit far from the origin or a few rows blew up.
-    The k x k matrix is filled by row blocks (bounded cdist temporaries); with the diagonal set
-    to +inf, its k(k-1) finite entries hold every pair twice, so their lower median (a
-    selection, no sort) equals the median over pairs i < j.
+    float32 `|a|^2 + |b|^2 - 2ab` expansion used here (as in cdist) keeps its error small
+    relative to the spread of the codes even when all codes sit far from the origin or a few
+    rows blew up. Each unordered pair is computed once: row block [s, e) against columns
+    [s, k) (the upper triangle, half the work), its row and column minima both feeding
+    `nearest`, and the pairs i < j copied into one k(k-1)/2 buffer whose lower median (an
+    in-place selection, no sort) is the median over pairs i < j. Memory: that buffer (32 MiB
+    for 4096 codes) and one reused block, where the full k x k matrix plus numpy's partitioned
+    copy of it took 128 MiB.
     """
     k = x.shape[0]
     x = x.to(torch.float32)
     x = x - x.median(dim=0).values
-    d = torch.empty(k, k, dtype=torch.float32)
-    chunk = max(1, BLOCK_ELEMENTS // max(k, 1))
-    for s in range(0, k, chunk):
-        d[s:s + chunk] = torch.cdist(x[s:s + chunk], x)
-    d.fill_diagonal_(float("inf"))
-    nearest = d.min(dim=1).values.to(torch.float64)
+    sq = (x * x).sum(-1)
+    nearest = torch.full((k,), float("inf"), dtype=torch.float32)
     pairs = k * (k - 1) // 2
-    # numpy's introselect is ~10x faster than torch.kthvalue on 16M floats (CPU).
-    med = float(np.partition(d.view(-1).numpy(), pairs - 1)[pairs - 1]) if pairs else float("nan")
-    return med, nearest
+    upper = torch.empty(pairs, dtype=torch.float32)
+    chunk = max(1, PAIR_BLOCK_ELEMENTS // max(k, 1))
+    block = torch.empty(min(chunk, k) * k, dtype=torch.float32)  # reused: no per-block allocation
+    pos = 0
+    for s in range(0, k, chunk):
+        e = min(s + chunk, k)
+        b = e - s
+        d = block[:b * (k - s)].view(b, k - s)  # column c is code s + c
+        torch.addmm(sq[s:].unsqueeze(0), x[s:e], x[s:].T, alpha=-2.0, out=d)
+        d.add_(sq[s:e].unsqueeze(1)).clamp_min_(0.0).sqrt_()
+        d.diagonal().fill_(float("inf"))  # (r, r) is code s + r against itself
+        # amin, not min: no argmin indices (~10x faster on these blocks).
+        torch.minimum(nearest[s:e], d.amin(dim=1), out=nearest[s:e])
+        if e < k:  # pairs (i, j), i in the block, j after it: nearest for the j side too
+            torch.minimum(nearest[e:], d[:, b:].amin(dim=0), out=nearest[e:])
+        tri = d[:, :b][torch.ones(b, b, dtype=torch.bool).triu_(1)]  # i < j inside the block
+        upper[pos:pos + tri.numel()] = tri
+        pos += tri.numel()
+        upper[pos:pos + b * (k - e)].view(b, k - e).copy_(d[:, b:])
+        pos += b * (k - e)
+    if not pairs:
+        return float("nan"), nearest.to(torch.float64)
+    # numpy's introselect is ~10x faster than torch.kthvalue on 8M floats (CPU); in place.
+    mid = (pairs - 1) // 2
+    buf = upper.numpy()
+    buf.partition(mid)
+    return float(buf[mid]), nearest.to(torch.float64)
 
 
 def pairwise_summary(codebook: torch.Tensor, rel: float = 1e-2, max_codes: int | None = 4096,
@@ -285,8 +410,8 @@ def near_duplicates(codebook: torch.Tensor, rel: float = 1e-2, max_codes: int | 
     """Codes that have another code almost on top of them.
 
     dup_i = min_{j != i} |e_i - e_j| < rel * median_{a<b} |e_a - e_b|, or that distance is exactly
-    0 (identical rows are duplicates even when the median is 0). Pairwise (`torch.cdist` in
-    chunks) within a deterministic sample of `max_codes` codes when K is larger, so the mask
+    0 (identical rows are duplicates even when the median is 0). Pairwise (in row blocks)
+    within a deterministic sample of `max_codes` codes when K is larger, so the mask
     covers the sample and its mean estimates the duplicate fraction.
 
     Args:
@@ -327,12 +452,17 @@ def effective_rank(codebook: torch.Tensor, max_codes: int | None = None,
     k, d = x.shape
     if k == 0:
         return 0.0
-    mean = x.to(torch.float64).mean(0)
+    # Two passes over row chunks in float64 (mean, then centred Gram): no float64 copy of the
+    # whole table, and cache-sized chunks.
+    chunk = max(1, STREAM_ELEMENTS // max(d, 1))
+    total = torch.zeros(d, dtype=torch.float64)
+    for s in range(0, k, chunk):
+        total += x[s:s + chunk].to(torch.float64).sum(0)
+    mean = total / k
     gram = torch.zeros(d, d, dtype=torch.float64)
-    chunk = max(1, BLOCK_ELEMENTS // 4 // max(d, 1))
     for s in range(0, k, chunk):
         c = x[s:s + chunk].to(torch.float64) - mean
-        gram += c.T @ c
+        gram.addmm_(c.T, c)
     if not bool(torch.isfinite(gram).all()):
         return 0.0
     # numpy's LAPACK call: torch 2.13's float64 eigvalsh took ~4 s on a 256 x 256 Gram here (CPU
@@ -369,8 +499,9 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, metric: str = "euclid
     n, k = z.shape[0], e.shape[0]
     chunk = chunk or max(1, BLOCK_ELEMENTS // max(k, 1))
     # Non-finite codes can never be chosen (argmin would otherwise return the NaN's position).
-    bad = ~torch.isfinite(e).all(-1)
-    e = torch.where(bad.unsqueeze(-1), torch.zeros_like(e), e)
+    bad = ~torch.isfinite(row_norms(e))  # the row-norm pass also finds non-finite rows
+    if bool(bad.any()):  # no zero-filled copy of the table when every code is finite
+        e = e.masked_fill(bad.unsqueeze(-1), 0.0)
     e_sq = (e * e).sum(-1).masked_fill(bad, float("inf"))
     idx = torch.empty(n, dtype=torch.long)
     for s in range(0, n, chunk):

@@ -23,9 +23,11 @@ CODEBOOK = {
     "perplexity_fraction": "perplexity / K",
     "top1_share": "largest share of assignments held by one code",
     "replaced_fraction": "fraction of codes whose count equals the replacement reset value (lucidrains resets to exactly "
-                         "reset_cluster_size = threshold; when unknown, an exact value >= 1 shared by >= 5% but not all codes)",
+                         "reset_cluster_size = threshold; when unknown, an exact value >= 1 shared by >= 5% but not all codes, "
+                         "with no code below it)",
     # geometry
-    "code_norm_median": "median L2 norm of code vectors (finite, non-zero rows; exact-zero rows are counted by zero_rows)",
+    "code_norm_median": "median L2 norm of code vectors (finite, non-zero rows; exact-zero rows are counted by zero_rows); "
+                        "weighted by EMA count when counts are stored: the norm of the code a typical input is assigned to",
     "code_norm_min": "smallest code norm",
     "code_norm_max": "largest code norm",
     "blowup_rows": "rows with norm > blowup_factor (100) x code_norm_median (all heads pooled)",

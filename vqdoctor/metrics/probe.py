@@ -391,10 +391,13 @@ def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False
     out["nearest_dist_median"] = float(dist.median())
     meds = []
     for i in range(cb.shape[0]):
-        e = cb[i][torch.isfinite(cb[i]).all(-1)]
+        # Finite rows from the norms (a row's norm is finite iff its elements are), sampled
+        # before they are gathered: the rows median_pairwise_distance would sample from
+        # cb[i][finite], without copying the table or normalising rows it never uses.
+        e, _ = F.sample_masked_rows(cb[i], torch.isfinite(F.row_norms(cb[i])), PAIRWISE_MAX_CODES)
         if q.metric == "cosine":
             e = F.l2normalize(e.to(torch.float32))
-        meds.append(F.median_pairwise_distance(e, PAIRWISE_MAX_CODES))
+        meds.append(F.median_pairwise_distance(e, None))
     meds = [m for m in meds if math.isfinite(m)]
     if meds and sum(meds) > 0:
         out["nearest_to_intercode"] = out["nearest_dist_median"] / (sum(meds) / len(meds))

@@ -10,7 +10,8 @@ import importlib
 from collections.abc import Sequence
 
 from vqdoctor.checkpoint.base import TensorSource
-from vqdoctor.errors import NoQuantizerError
+from vqdoctor.errors import CheckpointError, NoQuantizerError
+from vqdoctor.quantizers._common import INCONSISTENT
 from vqdoctor.quantizers.base import KINDS, Adapter, QuantizerState
 
 # Order matters: specific layouts first, the generic fallback last.
@@ -26,13 +27,13 @@ ADAPTER_MODULES = (
     "generic",         # a [K, D] table plus EMA-like buffers
 )
 
-# Shown when nothing is found, so the user knows what was tried.
+# Shown when nothing is found, so the user knows what was tried (kept short: it ends a one-line error).
 SEARCHED = (
-    "vector-quantize-pytorch (VectorQuantize, ResidualVQ, GroupedResidualVQ, LFQ, SimVQ), "
-    "encodec/audiocraft core_vq, transformers EnCodec/Mimi/DAC, descript-audio-codec, diffusers VQModel, "
-    "taming VectorQuantizer2/GumbelQuantize/EMAVectorQuantizer, rosinality VQ-VAE-2, zalando VectorQuantizerEMA, "
-    "Sonnet EMA, generic [K, D] codebook with EMA buffers"
+    "vector-quantize-pytorch (VQ, RVQ, FSQ, LFQ, SimVQ), encodec/audiocraft core_vq, transformers "
+    "EnCodec/Mimi/DAC, descript-audio-codec, diffusers VQModel, taming-transformers, rosinality VQ-VAE-2, "
+    "zalando VQ-VAE, Sonnet/torchmultimodal/VideoGPT EMA, generic [K, D] codebook with EMA buffers"
 )
+NAME_HINT = "name one with --quantizer PREFIX (e.g. --quantizer model.quantize; add --levels for FSQ)"
 
 
 def adapters() -> list[Adapter]:
@@ -66,6 +67,8 @@ def discover(src: TensorSource, *, only: Sequence[str] | None = None,
     Raises:
         NoQuantizerError: nothing found, or a named prefix holds no quantizer; the message says
             what was searched and how to name one.
+        CheckpointError: a selected quantizer's EMA statistics do not fit its codebook (e.g.
+            counts of length K + 1); the message names the tensors and their shapes.
     """
     claimed: set[str] = set()
     states: list[QuantizerState] = []
@@ -73,7 +76,18 @@ def discover(src: TensorSource, *, only: Sequence[str] | None = None,
         found = ad.find(src, claimed)
         for s in found:
             claimed.update(s.keys.values())
+        # Tensors of a quantizer found inconsistent are nobody's: no later adapter may guess at them.
+        for _, keys in src.meta.get(INCONSISTENT, {}).values():
+            claimed.update(keys)
         states.extend(found)
+
+    for prefix, (message, _) in src.meta.get(INCONSISTENT, {}).items():
+        if not only or _matches(prefix, only):
+            raise CheckpointError(
+                message, path=src.path,
+                hint="the file contradicts itself (tensors edited, or taken from different checkpoints)"
+                     + ("; inspect the other quantizers by naming them with --quantizer PREFIX"
+                        if states else ""))
 
     if only:
         from vqdoctor.quantizers import generic
@@ -92,9 +106,7 @@ def discover(src: TensorSource, *, only: Sequence[str] | None = None,
         n = len(src.keys())
         raise NoQuantizerError(
             f"no quantizer found among {n} tensor{'s' * (n != 1)}",
-            path=src.path,
-            hint=f"searched for: {SEARCHED}; name one with --quantizer PREFIX "
-                 f"(e.g. --quantizer model.quantize), adding --levels for FSQ")
+            path=src.path, hint=f"{NAME_HINT}; searched for: {SEARCHED}")
 
     order = {k: i for i, k in enumerate(src.infos)}
     states.sort(key=lambda s: min((order.get(k, 1 << 60) for k in s.keys.values()), default=1 << 60))

@@ -1,7 +1,8 @@
 """Small helpers shared by the quantizer adapters: key matching, shapes, reads, config look-ups.
 
 Stable for adapter authors: `join`, `group_prefixes`, `split_stage`, `unclaimed`, `dtype_name`,
-`as_hkd`, `as_hk`, `float_state`, `config_value`, `apply_config`, `Roles`, `read_projection`, `unit_rows`.
+`as_hkd`, `as_hk`, `float_state`, `config_value`, `apply_config`, `Roles`, `read_projection`, `unit_rows`,
+`flag_inconsistent`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,43 @@ from vqdoctor.quantizers.base import QuantizerState
 # Hyper-parameters copied from the checkpoint config into `QuantizerState.extra` when present.
 CONFIG_EXTRAS = ("threshold_ema_dead_code", "commitment_weight", "kmeans_init", "kmeans_iters",
                  "codebook_size")
+
+
+# `TensorSource.meta` key of quantizers whose stored tensors contradict each other:
+# prefix -> (one-line message, keys). Discovery reports them instead of guessing.
+INCONSISTENT = "inconsistent_quantizers"
+
+
+def _shape_text(shape: Sequence[int] | str) -> str:
+    return shape if isinstance(shape, str) else "[" + ", ".join(str(int(x)) for x in shape) + "]"
+
+
+def flag_inconsistent(src: TensorSource, prefix: str, table: str,
+                      expected: dict[str, Sequence[int] | str]) -> None:
+    """Record that a quantizer's EMA statistics do not fit its codebook.
+
+    An adapter that recognises a layout by its key names but finds shapes that cannot belong
+    together (counts of length K + 1, sums of another dim) calls this and skips the quantizer:
+    reading it, or letting a later adapter guess at the same tensors, would measure nonsense.
+    `discover` turns the record into a one-line error unless the user selected other quantizers.
+
+    Args:
+        src: the checkpoint.
+        prefix: the quantizer's key prefix.
+        table: key of its codebook.
+        expected: key -> the shape it should have (a shape, or a text such as "[64] or [8]").
+    """
+    got = ", ".join(f"{k} is {_shape_text(src.infos[k].shape)} (expected {_shape_text(v)})"
+                    for k, v in expected.items())
+    message = (f"EMA statistics do not fit the codebook of quantizer {prefix or '(top level)'!r}: "
+               f"{table} is {_shape_text(src.infos[table].shape)}, but {got}")
+    src.meta.setdefault(INCONSISTENT, {})[prefix] = (message, [table, *expected])
+
+
+def mismatched(src: TensorSource, want: dict[str, Sequence[int]]) -> dict[str, Sequence[int]]:
+    """The keys of `want` that are stored with another shape."""
+    return {k: v for k, v in want.items()
+            if k in src.infos and tuple(src.infos[k].shape) != tuple(v)}
 
 
 def join(prefix: str, name: str) -> str:

@@ -14,8 +14,10 @@ from vqdoctor.quantizers._common import (
     apply_config,
     as_hk,
     as_hkd,
+    flag_inconsistent,
     group_prefixes,
     join,
+    mismatched,
     read_projection,
     split_stage,
     unclaimed,
@@ -39,10 +41,11 @@ class _Encodec:
         for sub, library in LAYOUTS:
             for name in group_prefixes(src.keys(), [f"{sub}.{b}" for b in BUFFERS]):
                 keys = {b: join(name, f"{sub}.{b}") for b in BUFFERS}
-                shapes = {b: src.infos[k].shape for b, k in keys.items()}
-                fits = (len(shapes["embed"]) == 2 and shapes["embed_avg"] == shapes["embed"]
-                        and shapes["cluster_size"] == shapes["embed"][:1])
-                if not fits or not unclaimed(keys.values(), claimed):
+                table = tuple(src.infos[keys["embed"]].shape)
+                if len(table) != 2 or not unclaimed(keys.values(), claimed):
+                    continue
+                if bad := mismatched(src, {keys["cluster_size"]: table[:1], keys["embed_avg"]: table}):
+                    flag_inconsistent(src, name, keys["embed"], bad)
                     continue
                 r, (group, stage) = Roles(src), split_stage(name)
                 embed = as_hkd(r.read("codebook", keys["embed"]))

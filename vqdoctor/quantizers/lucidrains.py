@@ -22,8 +22,10 @@ from vqdoctor.quantizers._common import (
     as_hk,
     as_hkd,
     config_value,
+    flag_inconsistent,
     group_prefixes,
     join,
+    mismatched,
     read_projection,
     split_stage,
     unclaimed,
@@ -89,7 +91,11 @@ def _vq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
     for name in group_prefixes(src.keys(), ("_codebook.embed", "_codebook.initted")):
         cb = join(name, "_codebook.")
         own = [k for k in src.infos if k.startswith(cb)]
-        if len(src.infos[cb + "embed"].shape) not in (2, 3) or not unclaimed(own, taken):
+        table = tuple(src.infos[cb + "embed"].shape)
+        if len(table) not in (2, 3) or not unclaimed(own, taken):
+            continue
+        if bad := mismatched(src, {cb + "cluster_size": table[:-1], cb + "embed_avg": table}):
+            flag_inconsistent(src, name, cb + "embed", bad)
             continue
         r, (group, stage) = Roles(src), split_stage(name)
         embed = as_hkd(r.read("codebook", cb + "embed"))

@@ -15,8 +15,10 @@ from vqdoctor.quantizers._common import (
     apply_config,
     as_hk,
     as_hkd,
+    flag_inconsistent,
     group_prefixes,
     join,
+    mismatched,
     read_projection,
     split_stage,
     unclaimed,
@@ -38,8 +40,10 @@ class _Mimi:
         for name in group_prefixes(src.keys(), [f"codebook.{b}" for b in BUFFERS]):
             keys = {b: join(name, f"codebook.{b}") for b in BUFFERS}
             shape = src.infos[keys["embed_sum"]].shape
-            if (len(shape) != 2 or src.infos[keys["cluster_usage"]].shape != shape[:1]
-                    or not unclaimed(keys.values(), claimed)):
+            if len(shape) != 2 or not unclaimed(keys.values(), claimed):
+                continue
+            if bad := mismatched(src, {keys["cluster_usage"]: shape[:1]}):
+                flag_inconsistent(src, name, keys["embed_sum"], bad)
                 continue
             r, (group, stage) = Roles(src), split_stage(name)
             usage = r.read("cluster_size", keys["cluster_usage"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from vqdoctor.checkpoint.base import TensorSource
-from vqdoctor.quantizers._common import group_prefixes, join, unclaimed
+from vqdoctor.quantizers._common import flag_inconsistent, group_prefixes, join, unclaimed
 from vqdoctor.quantizers._tables import build, invariant_orientation, orientation, shape, under
 from vqdoctor.quantizers.base import QuantizerState
 
@@ -34,8 +34,16 @@ class RosinalityAdapter:
             tab, cnt, avg = (join(p, s) for s in _SUFFIXES)
             dk, n = shape(src, tab, 2), shape(src, cnt, 1)
             if not unclaimed((tab, cnt, avg), claimed) or not dk or not n \
-                    or shape(src, avg, 2) != dk or set(under(src, p)) != set(_SUFFIXES):
+                    or set(under(src, p)) != set(_SUFFIXES):
                 continue  # `Quantize` stores exactly these three buffers
+            bad: dict[str, tuple[int, ...] | str] = {}
+            if n[0] not in dk:  # counts of a length that is neither side of the table
+                bad[cnt] = f"[{dk[1]}] or [{dk[0]}]"
+            if shape(src, avg, 2) != dk:
+                bad[avg] = dk
+            if bad:
+                flag_inconsistent(src, p, tab, bad)
+                continue
             notes = []
             way = orientation(dk, n[0])
             level = _LEVEL.search(p)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from vqdoctor.checkpoint.base import TensorSource
-from vqdoctor.quantizers._common import group_prefixes, join, unclaimed
+from vqdoctor.quantizers._common import flag_inconsistent, group_prefixes, join, unclaimed
 from vqdoctor.quantizers._tables import build, invariant_orientation, orientation, shape
 from vqdoctor.quantizers.base import QuantizerState
 
@@ -31,6 +31,21 @@ def _orient(src: TensorSource, tab: str, cnt: str, avg: str, square: str) -> str
     return (invariant_orientation(src, tab, avg) or square) if way == "square" else way
 
 
+def _inconsistent(src: TensorSource, p: str, tab: str, cnt: str, avg: str) -> bool:
+    """Flag (and return True for) counts or sums that cannot belong to the table."""
+    table, counts = shape(src, tab, 2), shape(src, cnt, 1)
+    if not table or not counts:
+        return False
+    bad: dict[str, tuple[int, ...] | str] = {}
+    if counts[0] not in table:
+        bad[cnt] = f"[{table[0]}] or [{table[1]}]"
+    if shape(src, avg, 2) != table:
+        bad[avg] = table
+    if bad:
+        flag_inconsistent(src, p, tab, bad)
+    return bool(bad)
+
+
 class SonnetAdapter:
     """Finds Sonnet-style, torchmultimodal and VideoGPT EMA codebooks."""
 
@@ -45,6 +60,8 @@ class SonnetAdapter:
                 (_VIDEOGPT, "videogpt", VIDEOGPT_EPS, False, "kd")):
             for p in group_prefixes(src.keys(), suffixes):
                 tab, cnt, avg = (join(p, s) for s in suffixes)
+                if unclaimed((tab, cnt, avg), used) and _inconsistent(src, p, tab, cnt, avg):
+                    continue
                 way = _orient(src, tab, cnt, avg, native)
                 claim = self._sonnet_claims(src, p) if library == "sonnet" else {}
                 if way is None or not unclaimed((tab, cnt, avg, *claim.values()), used):

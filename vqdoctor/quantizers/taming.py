@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from vqdoctor.checkpoint.base import TensorSource
-from vqdoctor.quantizers._common import group_prefixes, join, unclaimed
+from vqdoctor.quantizers._common import flag_inconsistent, group_prefixes, join, mismatched, unclaimed
 from vqdoctor.quantizers._tables import build, is_token_table, looks_quantizer, parent, shape, under
 from vqdoctor.quantizers.base import QuantizerState
 
@@ -60,8 +60,10 @@ class TamingAdapter:
         for p in group_prefixes(src.keys(), suffixes):
             cnt, tab, avg = (join(p, s) for s in suffixes)
             kd, n = shape(src, tab, 2), shape(src, cnt, 1)
-            if not unclaimed((cnt, tab, avg), used) or not kd or not n or n[0] != kd[0] \
-                    or shape(src, avg, 2) != kd or kd[0] < 2:
+            if not unclaimed((cnt, tab, avg), used) or not kd or not n or kd[0] < 2:
+                continue
+            if bad := mismatched(src, {cnt: kd[:1], avg: kd}):
+                flag_inconsistent(src, p, tab, bad)
                 continue
             self._take(out, build(src, p, "vq-ema", "taming-transformers", tab, counts=cnt,
                                   sums=avg, eps=EPS), used)

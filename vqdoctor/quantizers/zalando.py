@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from vqdoctor.checkpoint.base import TensorSource
-from vqdoctor.quantizers._common import group_prefixes, join, unclaimed
+from vqdoctor.quantizers._common import flag_inconsistent, group_prefixes, join, mismatched, unclaimed
 from vqdoctor.quantizers._tables import build, is_token_table, shape, under
 from vqdoctor.quantizers.base import QuantizerState
 
@@ -32,6 +32,9 @@ class ZalandoAdapter:
                 continue
             rest = set(under(src, p))
             if rest == set(_EMA) and unclaimed((cnt, ema_w), claimed) \
+                    and (bad := mismatched(src, {cnt: kd[:1], ema_w: kd})):
+                flag_inconsistent(src, p, tab, bad)
+            elif rest == set(_EMA) and unclaimed((cnt, ema_w), claimed) \
                     and shape(src, cnt, 1) == kd[:1] and shape(src, ema_w, 2) == kd:
                 states.append(build(src, p, "vq-ema", "zalando", tab, counts=cnt, sums=ema_w,
                                     counts_smoothed=True, eps=EPS, notes=[

@@ -57,7 +57,8 @@ def diagnose(ev: Evidence, thresholds: dict[str, dict[str, Any]] | None = None,
             errors.append({"rule": rid, "code": r.spec.code,
                            "message": f"rule raised {type(e).__name__}: {e}"})
     groups = {q.name: q.group for q in ev.quantizers}
-    return rank(findings, rules, groups), errors
+    stages = {q.name: q.stage for q in ev.quantizers}
+    return rank(findings, rules, groups, stages), errors
 
 
 __all__ = ["Evidence", "Finding", "QuantizerEvidence", "Rule", "RuleSpec", "Severity",

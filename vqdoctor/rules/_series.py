@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from vqdoctor.rules.base import QuantizerEvidence
+
+if TYPE_CHECKING:  # imported inside the functions that need it (see rules/base.py)
+    import pandas as pd
 
 
 def column(df: pd.DataFrame | None, name: str, *, finite: bool = True) -> pd.Series | None:
@@ -33,6 +35,8 @@ def column(df: pd.DataFrame | None, name: str, *, finite: bool = True) -> pd.Ser
     """
     if df is None or name not in df.columns:
         return None
+    import pandas as pd
+
     s = pd.to_numeric(df[name], errors="coerce").astype(float).sort_index()
     if finite:
         s = s[np.isfinite(s.to_numpy())]
@@ -49,6 +53,8 @@ def frame(df: pd.DataFrame | None, names: list[str]) -> pd.DataFrame | None:
     cols = [column(df, n) for n in names]
     if any(c is None for c in cols):
         return None
+    import pandas as pd
+
     out = pd.concat(cols, axis=1, keys=names, join="inner").sort_index()
     return out if len(out) else None
 

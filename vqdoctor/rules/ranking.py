@@ -31,17 +31,31 @@ def _order(fid: str) -> int:
     return ROOT_ORDER.index(fid) if fid in ROOT_ORDER else len(ROOT_ORDER)
 
 
-def _in_scope(cause: Finding, symptom: Finding, groups: dict[str, str | None]) -> bool:
-    """A cause explains a symptom on the same quantizer, in the same residual group, or run-wide.
+def _in_scope(cause: Finding, symptom: Finding, groups: dict[str, str | None],
+              stages: dict[str, int | None] | None = None) -> bool:
+    """A cause explains a symptom on the same quantizer, on an earlier stage of the same residual
+    group, or run-wide.
 
     Run-wide works both ways: a run-wide cause (loss divergence) explains any quantizer's
     symptoms, and a run-wide symptom (the loss) can be explained by any quantizer's mechanism
-    (a scale mismatch whose commitment term grows with ||z||).
+    (a scale mismatch whose commitment term grows with ||z||). Within a residual group the
+    influence runs one way: stage j quantizes what stages < j left over, so a mechanism on
+    stage i can explain symptoms on stages >= i, never on an earlier stage (whose input does
+    not depend on it).
     """
     if cause.quantizer is None or symptom.quantizer is None or cause.quantizer == symptom.quantizer:
         return True
     g1, g2 = groups.get(cause.quantizer), groups.get(symptom.quantizer)
-    return g1 is not None and g1 == g2
+    if g1 is None or g1 != g2:
+        return False
+    s1, s2 = (stages or {}).get(cause.quantizer), (stages or {}).get(symptom.quantizer)
+    return s1 is None or s2 is None or s1 <= s2
+
+
+def _distance(cause: Finding, symptom: Finding) -> int:
+    """0 for a cause on the symptom's own quantizer (or run-wide), 1 for another stage."""
+    same = cause.quantizer is None or symptom.quantizer is None or cause.quantizer == symptom.quantizer
+    return 0 if same else 1
 
 
 def _causes(a: Finding, b: Finding, explains: dict[str, tuple[str, ...]]) -> bool:
@@ -74,14 +88,17 @@ def _key(f: Finding) -> tuple:
 
 
 def rank(findings: list[Finding], rules: dict[str, Rule],
-         groups: dict[str, str | None] | None = None) -> list[Finding]:
+         groups: dict[str, str | None] | None = None,
+         stages: dict[str, int | None] | None = None) -> list[Finding]:
     """Return findings ranked root-cause first, with `caused_by` filled.
 
     Args:
         findings: unranked findings from all rules.
         rules: the registry (for `explains`).
         groups: quantizer name -> residual group name, so a cause on one stage explains symptoms
-            on the other stages of the same quantizer.
+            on the later stages of the same quantizer.
+        stages: quantizer name -> stage index within its group (None or absent: unknown, and
+            then any stage of the group may explain any other).
     """
     groups = groups or {}
     explains = {rid: r.spec.explains for rid, r in rules.items()}
@@ -93,9 +110,11 @@ def rank(findings: list[Finding], rules: dict[str, Rule],
             continue
         candidates = [j for j, g in enumerate(ordered)
                       if j != i and g.severity != Severity.INFO.value
-                      and _in_scope(g, f, groups) and _causes(g, f, explains)]
-        candidates.sort(key=lambda j: (_order(ordered[j].id), Severity(ordered[j].severity).rank,
-                                       -ordered[j].confidence))
+                      and _in_scope(g, f, groups, stages) and _causes(g, f, explains)]
+        # The symptom's own quantizer first: a mechanism seen on the very stage explains it more
+        # directly than the same mechanism on an earlier stage of its group.
+        candidates.sort(key=lambda j: (_distance(ordered[j], f), _order(ordered[j].id),
+                                       Severity(ordered[j].severity).rank, -ordered[j].confidence))
         options[i] = candidates
         for j in candidates:
             if not _closes_cycle(parent, i, j):

@@ -53,12 +53,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from vqdoctor.rules import _series as S
 from vqdoctor.rules.base import Evidence, Finding, QuantizerEvidence, RuleSpec, Severity, rule
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPEC = RuleSpec(code="VQ003", id="scale-mismatch",
                 title="Encoder outputs and codebook on different scales (init or drift)",
@@ -101,11 +104,15 @@ def _signals(q: QuantizerEvidence) -> pd.DataFrame | None:
         usage = (perp.reindex(r.index).ffill() / np.minimum(K, n) if perp is not None
                  else S.qcol(q, "usage_window"))
         nti = S.qcol(q, "nearest_to_intercode")
+        import pandas as pd  # here, not at module level: see rules/base.py
+
         return pd.DataFrame({"ratio": r, "usage": np.nan if usage is None else usage.reindex(r.index).ffill(),
                              "nti": np.nan if nti is None else nti.reindex(r.index).ffill()})
     if (rv := q.m("scale_ratio")) is None or rv <= 0:
         return None
     perp, n = q.m("probe_perplexity"), q.m("probe_tokens") or K
+    import pandas as pd
+
     return pd.DataFrame({"ratio": [rv], "usage": [np.nan if perp is None else perp / min(K, n)],
                          "nti": [q.m("nearest_to_intercode", np.nan)]}, index=[None])
 

@@ -27,6 +27,8 @@ Fraction of dead codes `d`, `warning` from `warn_fraction` (0.25), `error` from
 - FSQ: `1 - fsq_level_usage_min` (a dimension using u of its levels leaves at most u of the
   grid reachable). LFQ: a bit with `lfq_bit_balance_min` <= `stuck_bit_balance` (0.01) leaves
   half of the codes unused, so `d` = 0.5.
+With several checkpoints of one run, `dead_fraction_first` and `dead_fraction_delta` (the
+growth from the first checkpoint) go into the evidence and the message.
 Run mode: sustained `sustain_steps` (3) rows and still true at the end. Thresholds are
 fractions of K, and the count cut-off is relative to n/K, so they hold for any K and batch size.
 Confidence 0.9 counts/run, 0.75 probe, 0.6 optimizer state, FSQ and LFQ.
@@ -144,7 +146,7 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         evidence: dict[str, Any] = {"dead_fraction": d, "dead_codes": round(d * K),
                                     "codebook_size": K, "source": source}
         for k in ("count_expected", "dead_fraction_abs", "zero_row_fraction", "usage_window",
-                  "probe_tokens", "scale_ratio"):
+                  "probe_tokens", "scale_ratio", "dead_fraction_first", "dead_fraction_delta"):
             if (v := S.latest(q, k)) is not None:
                 evidence[k] = v
         why = {"dead_fraction": f"; EMA counts below 1% of the expected {exp:.3g} per code"
@@ -152,8 +154,11 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
                "probe_dead_fraction": " by the probe", "optim_rows_no_grad_fraction":
                " (rows that never received a gradient)", "fsq_level_usage_min":
                " (FSQ levels unused)", "lfq_bit_balance_min": " (an LFQ bit is stuck)"}[source]
+        first = q.m("dead_fraction_first")
+        growth = (f", up from {first:.1%} in the first checkpoint"
+                  if first is not None and source == "dead_fraction" and d > first else "")
         yield SPEC.finding(
             severity=Severity.ERROR if d >= p.error_fraction else Severity.WARNING,
             confidence=conf, quantizer=q.name, step=step,
-            message=f"{round(d * K):,}/{K:,} codes dead ({d:.1%}){why}",
+            message=f"{round(d * K):,}/{K:,} codes dead ({d:.1%}{growth}){why}",
             evidence=evidence, fix=_fix(q))

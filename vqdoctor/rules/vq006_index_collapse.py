@@ -43,13 +43,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from vqdoctor.rules import _series as S
 from vqdoctor.rules.base import Evidence, Finding, QuantizerEvidence, RuleSpec, Severity, rule
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPEC = RuleSpec(code="VQ006", id="index-collapse",
                 title="Perplexity / usage collapsed to a handful of codes",
@@ -71,6 +73,8 @@ class Params:
 
 def _levels(f: pd.DataFrame, p: Params) -> pd.Series:
     """Per row: 0 error, 1 warning, 2 fine; columns perplexity, denom, top1 (NaN = unknown)."""
+    import pandas as pd  # not at module level: see rules/base.py
+
     frac = f["perplexity"] / f["denom"]
     top1 = f["top1"].where(f["top1"] * f["denom"] >= p.top1_over_uniform)
     err = (frac <= p.error_perplexity_fraction) | (top1 >= p.error_top1_share) | (
@@ -81,6 +85,8 @@ def _levels(f: pd.DataFrame, p: Params) -> pd.Series:
 
 def _sources(q: QuantizerEvidence) -> list[tuple[str, pd.DataFrame, float]]:
     """(source, frame of perplexity/denom/top1, confidence): the run series, else every scalar source."""
+    import pandas as pd  # not at module level: see rules/base.py
+
     K = q.codebook_size
     if (perp := S.qcol(q, "perplexity")) is not None:
         tokens = S.qcol(q, "tokens")

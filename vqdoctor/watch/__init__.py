@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vqdoctor.errors import NoQuantizerError
 from vqdoctor.watch.live import LiveQuantizer, LiveSpec, register_adapter
 from vqdoctor.watch.store import (
@@ -237,13 +239,12 @@ class Doctor:
         """Checkpoint-style metrics of each live codebook at the end of the session."""
         import dataclasses
 
-        import torch
-
         try:
             from vqdoctor.metrics.codebook import codebook_metrics
         except ImportError:  # pragma: no cover - metrics package not built yet
             return []
         out = []
+        described = []
         for q in self.quantizers:
             try:
                 with torch.no_grad():
@@ -253,12 +254,18 @@ class Doctor:
                         q.state,
                         codebook=None if cb is None else cb.detach().float().cpu().clone(),
                         cluster_size=None if n is None else n.detach().float().cpu().clone(),
-                        embed_avg=None, optimizer=None)
+                        embed_avg=None, optimizer=None, initted=_live_initted(q))
                 m = codebook_metrics(st)
                 out.append({"t": "codebook", "step": rec.step, "q": q.name, **m})
+                d = dict(next((x for x in self.store.meta["quantizers"] if x.get("name") == q.name), {}))
+                if st.initted is not None and d:
+                    d["initted"] = st.initted  # the start-of-run value predates k-means
+                described.append(d)
             except Exception as e:
                 out.append({"t": "event", "step": rec.step, "level": "info", "q": q.name,
                             "message": f"end-of-run codebook metrics unavailable ({type(e).__name__}: {e})"})
+        if described and all(described):
+            self.store.meta["quantizers"] = described
         return out
 
     def __enter__(self) -> Doctor:
@@ -303,9 +310,19 @@ class Doctor:
             self._callbacks.append(fn)
 
     def _records(self) -> tuple[dict[str, Any], dict[int, list[dict[str, Any]]]]:
-        if self.store.failed:
-            return dict(self.store.meta), {self.rank: _after_last_start(self.store.memory)}
-        meta, streams = load_records(self.run_dir)
+        """Everything recorded so far: the run directory, plus what was kept in memory after a
+        write failure (records written before the failure are read back from the file)."""
+        if not self.store.failed:
+            meta, streams = load_records(self.run_dir)
+            return meta or dict(self.store.meta), streams
+        try:
+            meta, streams = load_records(self.run_dir)
+        except Exception:
+            meta, streams = {}, {}
+        mine = streams.get(self.rank, [])
+        if any(r.get("t") == "start" for r in self.store.memory):
+            mine = []  # the directory never received this session's records
+        streams[self.rank] = _after_last_start(mine + self.store.memory)
         return meta or dict(self.store.meta), streams
 
     def report(self, thresholds: dict[str, dict[str, Any]] | None = None):
@@ -343,14 +360,27 @@ class Doctor:
         return sorted(self._alerts.values(), key=lambda a: (a.step is None, a.step or 0, a.id))
 
 
+def _live_initted(q: LiveQuantizer) -> bool | None:
+    """The quantizer's initialisation flag read from the live buffer now (None when it has none)."""
+    key = q.state.keys.get("initted")
+    if key is None or q.state.initted is None:
+        return q.state.initted
+    inner = q.module
+    for attr in key[len(q.name) + 1:].split(".") if q.name else key.split("."):
+        inner = getattr(inner, attr, None)
+        if inner is None:
+            return q.state.initted
+    if isinstance(inner, torch.Tensor):
+        return bool(inner.detach().flatten()[0].item() > 0)  # at close: a host read is fine here
+    return q.state.initted
+
+
 def _after_last_start(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     idx = max((i for i, r in enumerate(records) if r.get("t") == "start"), default=0)
     return list(records[idx:])
 
 
 def _torch_version() -> str:
-    import torch
-
     return str(torch.__version__)
 
 

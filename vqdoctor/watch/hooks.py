@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -72,8 +71,8 @@ JUMP_REL = 0.5
 
 # Input rows compared with every code for the nearest-code distance, and codes (evenly spaced,
 # fixed) whose pairwise distances give the typical code spacing: bounded work for any K.
-NN_ROWS = 512
-SPACING_CODES = 256
+NN_ROWS = 256
+SPACING_CODES = 128
 
 # per-quantizer cadence columns; the forward-time block [0, N_FWD) is written with one copy
 Z_NORM, CODE_NORM, QERR, NF_IN, NF_OUT, NF_BUF, DRIFT_NORM, JUMPED, COUNT_SUM, NEAREST, SPACING = range(11)
@@ -213,6 +212,19 @@ class _Arena:
         self.count_rows = [list(c.unbind(0)) for c in self.counts]
         self.loss_cells = list(self.run[:, LOSS].unbind(0))
 
+    def _row_views(self, r: int) -> list[torch.Tensor]:
+        return ([c[r] for c in self.counts] + [e[r: r + 1] for e in self.evalmut] + [self.run[r]]
+                + [st[r] for st in self.stats])
+
+    def rows(self, r: int) -> list[torch.Tensor]:
+        """Copies of every slot row `r` (to carry an unfinished step across a flush)."""
+        return [v.clone() for v in self._row_views(r)]
+
+    def set_rows(self, r: int, values: list[torch.Tensor]) -> None:
+        """Write row copies made by `rows` into slot row `r`."""
+        for v, x in zip(self._row_views(r), values, strict=True):
+            v.copy_(x)
+
     def reset(self) -> None:
         self.buf[: self.n_zero].zero_()
         self.buf[self.n_zero:].fill_(float("nan"))
@@ -240,7 +252,6 @@ class _QProbe:
         self.host_evalmut: dict[int, int] = {}
         self.eval_before: tuple[list, list[torch.Tensor | None]] | None = None
         self.offsets: torch.Tensor | None = None
-        self.grads: dict[str, Any] = {}
         self.tensor_handles: list[Any] = []
         self.window_hist: deque[tuple[int, np.ndarray]] = deque()
         self.hist_acc: np.ndarray | None = None
@@ -504,16 +515,16 @@ class _QProbe:
         ident, snaps = before
         bufs = list(self.rec.module_buffers(self.i))
         rec = self.rec
-        if len(bufs) != len(ident) or any(id(b) != i[0] or tuple(b.shape) != i[2] for b, i in zip(bufs, ident)):
+        if len(bufs) != len(ident) or any(id(b) != i[0] or tuple(b.shape) != i[2] for b, i in zip(bufs, ident, strict=True)):
             self.host_evalmut[rec.step] = self.host_evalmut.get(rec.step, 0) + 1
             return
-        if any(b._version != i[1] for b, i in zip(bufs, ident)):
+        if any(b._version != i[1] for b, i in zip(bufs, ident, strict=True)):
             self.host_evalmut[rec.step] = self.host_evalmut.get(rec.step, 0) + 1
             return
         if not bufs:
             return
         with torch.no_grad():
-            changed = torch.stack([_bits(b) .ne(_bits(s)).any() for b, s in zip(bufs, snaps)]).any()
+            changed = torch.stack([_bits(b).ne(_bits(s)).any() for b, s in zip(bufs, snaps, strict=True)]).any()
             rec.arena.evalmut[self.i][rec.slot].add_(changed.to(torch.float32))
 
     # ---------------------------------------------------------------- flush (device part)
@@ -604,7 +615,6 @@ class Recorder:
         self.buffers_of = [self._nonfinite_targets(q) for q in quantizers]
         self._mod_buffers: list[list[tuple[nn.Module, str]]] = [self._buffer_refs(q) for q in quantizers]
         self.window_steps: int | None = self.window
-        self.t_start = time.time()
 
     # ------------------------------------------------------------------ setup
 
@@ -684,7 +694,10 @@ class Recorder:
             m = p.q.module
             self._handles.append(m.register_forward_pre_hook(self.guard(p, "pre", self._pre(p)), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self.guard(p, "post", self._post(p)), with_kwargs=True))
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
 
         self._handles.append(register_optimizer_step_pre_hook(self.guard(None, "grad", self._opt_pre)))
         self._handles.append(register_optimizer_step_post_hook(self.guard(None, "clock", self._opt_post)))
@@ -902,6 +915,9 @@ class Recorder:
             The records appended.
         """
         if (-1, "flush") in self._disabled:
+            # nothing is recorded any more, but the slot index must stay inside the buffers
+            self.interval_start = self.step
+            self.interval += 1
             return []
         try:
             return self._flush(final)
@@ -928,7 +944,11 @@ class Recorder:
                 for p in self.probes:
                     p.write_fingerprint()
                 host = self.arena.buf.to("cpu", copy=True).numpy()  # the one synchronisation
+                partial = not final and n < self.F and self.step_has_data
+                carry = self.arena.rows(n) if partial else None
                 self.arena.reset()
+                if carry is not None:  # a flush in the middle of a step keeps that step's data
+                    self.arena.set_rows(0, carry)
             records = self._records(host, n, final)
         records = self.events + records
         self.events = []

@@ -105,6 +105,15 @@ def _clean(v: Any) -> Any:
     return str(v)
 
 
+def _json_default(v: Any) -> Any:
+    """json.dumps fallback: numpy / torch scalars and arrays to Python values, else str."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write `obj` as JSON to `path` via a temp file in the same directory and `os.replace`."""
     path = Path(path)
@@ -175,8 +184,12 @@ class RunStore:
             self._file = None
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append records (one batch: one write, one flush)."""
-        records = [_clean(r) for r in records]
+        """Append records (one batch: one write, one flush).
+
+        Records should hold JSON-native values (the recorder builds them so); anything else is
+        converted on the way out (`_json_default`).
+        """
+        records = list(records)
         if not records:
             return
         if self.keep or self.failed:
@@ -189,7 +202,7 @@ class RunStore:
                 self.memory.extend(records)
             return
         try:
-            text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+            text = "".join(json.dumps(r, separators=(",", ":"), default=_json_default) + "\n" for r in records)
             self._file.write(text)
             self._file.flush()
             if self.fsync:

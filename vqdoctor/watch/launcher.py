@@ -1,0 +1,635 @@
+"""Zero-code watching: `vqdoctor watch -- CMD ARGS...` runs an unmodified training command watched.
+
+```python
+from vqdoctor.watch.launcher import run_watched
+run = run_watched(["python", "train.py", "--lr", "3e-4"], "runs/vq")
+run.exit_code, run.report.diagnosis      # the command's exit status, the ranked report
+```
+
+**The parent** (this process, `run_watched`) creates the run directory, writes `meta.json` with
+the command, starts the command with two environment changes, shows the live panel while it
+runs (`vqdoctor.watch.panel`; it tails the run directory), forwards SIGINT/SIGTERM to it, then
+completes `meta.json` (`exit_code`; status `failed` on a non-zero exit) and computes the report
+from the run directory alone. The command's stdin/stdout/stderr are its own (inherited).
+
+- `PYTHONPATH` gets `vqdoctor/watch/_boot` in front, so every Python interpreter of the command
+  (the script, `python -m pkg.train`, `torchrun` and each of its workers, subprocesses) runs
+  vqdoctor's `sitecustomize.py` at start-up (which first runs the `sitecustomize` it shadows);
+- `VQDOCTOR_WATCH` holds the configuration as JSON: run directory (absolute), cadences, the
+  command, and the folder vqdoctor is installed in.
+
+**In each child interpreter** (`agent_boot`, called by `sitecustomize` right after `torch` has
+been imported, never before, so a program that never imports torch is not touched):
+
+1. global `register_module_forward_pre_hook` / `register_module_forward_hook` (always called)
+   track the call depth; a module called at depth 0 is a *root*. At the first forward of a root
+   that holds quantizers (`vqdoctor.watch.live.find_quantizers`; DDP / DataParallel /
+   `torch.compile` wrappers are looked through) a `Doctor` starts on it, before its forward
+   runs, so the first step is recorded. Both global hooks are then removed (they cost a Python
+   call per module call while armed). Roots without quantizers (a loss module, an encoder
+   called alone) are checked once each and skipped. Only the main process of each program, or
+   a process that is a `torch.distributed` rank, attaches (DataLoader workers never do).
+2. The step clock is the Doctor's own: optimizer steps, seen through the global optimizer-step
+   hooks, end a step.
+3. The loss is captured without code changes by wrapping `torch.autograd.backward` (which
+   `Tensor.backward` calls): a scalar floating tensor that backward is called on with no
+   explicit gradient is copied into the current step's device slot (no synchronisation). With
+   several backward calls in one step (gradient accumulation) the last one is recorded; under
+   AMP `GradScaler.scale(loss).backward()` the recorded loss is the *scaled* loss.
+4. `atexit` closes the Doctor: status `finished`, or `failed` when the program died of an
+   uncaught exception (`sys.excepthook` is wrapped; the original is still called).
+
+Under `torchrun` every worker is a rank (`RANK` / `torch.distributed`) and appends its own
+`rank{R}.jsonl` to the one run directory passed down in `VQDOCTOR_WATCH`.
+
+Never breaks training: every piece runs in try/except; a failure prints one line
+(`vqdoctor: warning: ...; the program runs unwatched`) and the program goes on unwatched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vqdoctor.errors import InputError
+from vqdoctor.watch.store import (
+    META,
+    SCHEMA_VERSION,
+    now_iso,
+    read_meta,
+    stream_paths,
+    write_json_atomic,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vqdoctor.report.model import Report
+    from vqdoctor.watch.panel import PanelAlert
+
+ENV_CONFIG = "VQDOCTOR_WATCH"
+"""Environment variable carrying the watch configuration (JSON) to the child interpreters."""
+BOOT_DIR = Path(__file__).resolve().parent / "_boot"
+"""The folder put first on the children's PYTHONPATH (holds vqdoctor's `sitecustomize.py`)."""
+DEFAULT_ROOT = "vqdoctor-runs"
+NOTHING_RECORDED = ("nothing was recorded: no model holding a quantizer ran a forward pass under "
+                    "the watch (a PyTorch program? `python -I`/`-E` ignore PYTHONPATH)")
+
+
+# ================================================================================ parent side
+
+
+@dataclass(frozen=True)
+class WatchedRun:
+    """What `run_watched` returns.
+
+    Attributes:
+        exit_code: the command's exit status (128 + N when a signal N killed it).
+        run_dir: the run directory.
+        report: the ranked report of the recorded run; None when nothing was recorded.
+        status: "finished" or "failed" (a non-zero exit is a failure), as in meta.json.
+        command: the command that ran.
+        note: why there is no report, when there is none.
+        alerts: the alerts the live panel raised while the command ran.
+    """
+
+    exit_code: int
+    run_dir: Path
+    report: Report | None
+    status: str
+    command: tuple[str, ...]
+    note: str | None = None
+    alerts: tuple[PanelAlert, ...] = ()
+
+    @property
+    def recorded(self) -> bool:
+        """True when the run directory holds records (a report could be made)."""
+        return self.report is not None
+
+
+def new_run_dir(root: str | os.PathLike[str] = DEFAULT_ROOT) -> Path:
+    """A new folder name under `root`: timestamp plus a random suffix (not from torch's RNG)."""
+    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def holds_run(path: str | os.PathLike[str]) -> bool:
+    """True when `path` is a directory with a meta.json or a rank*.jsonl stream."""
+    p = Path(path)
+    try:
+        return p.is_dir() and ((p / META).is_file() or bool(stream_paths(p)))
+    except OSError:
+        return False
+
+
+def prepare_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """Create the run directory of a new watched command.
+
+    Raises:
+        InputError: the path is a file, already holds a run, or cannot be created.
+    """
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise InputError("not a directory", path=str(d), hint="--run-dir takes a folder")
+    if holds_run(d):
+        raise InputError("the run directory already holds a run", path=str(d),
+                         hint="give a new --run-dir, or remove the old run")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".vqdoctor-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write the run directory: {e.strerror or e}", path=str(d)) from None
+    return d
+
+
+def watch_config(run_dir: Path, command: Sequence[str], *, flush_every: int = 50,
+                 stats_every: int = 10, window: int | None = None) -> dict[str, Any]:
+    """The configuration handed to the child interpreters (JSON in `VQDOCTOR_WATCH`)."""
+    import vqdoctor
+
+    return {"run_dir": str(Path(run_dir).resolve()), "flush_every": int(flush_every),
+            "stats_every": int(stats_every), "window": None if window is None else int(window),
+            "command": list(command), "path": str(Path(vqdoctor.__file__).resolve().parents[1]),
+            "version": vqdoctor.__version__}
+
+
+def watch_env(config: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
+    """The command's environment: `base` (default: ours) with the boot folder first on
+    PYTHONPATH and the configuration in `VQDOCTOR_WATCH`."""
+    env = dict(os.environ if base is None else base)
+    old = env.get("PYTHONPATH")
+    parts = [p for p in (old or "").split(os.pathsep) if p and Path(p).resolve() != BOOT_DIR]
+    env["PYTHONPATH"] = os.pathsep.join([str(BOOT_DIR), *parts])
+    env[ENV_CONFIG] = json.dumps(config)
+    return env
+
+
+def _initial_meta(command: Sequence[str], config: dict[str, Any]) -> dict[str, Any]:
+    from vqdoctor import __version__
+
+    return {"schema_version": SCHEMA_VERSION, "tool": {"name": "vqdoctor", "version": __version__},
+            "created": now_iso(), "ended": None, "status": "running", "command": list(command),
+            "cwd": os.getcwd(), "torch": None, "world_size": None,
+            "config": {"flush_every": config["flush_every"], "stats_every": config["stats_every"],
+                       "window": config["window"], "hist_every": config["flush_every"],
+                       "fsync": False, "start_step": 0},
+            "quantizers": [], "steps": None, "launcher": {"pid": os.getpid()}}
+
+
+def finalize_meta(run_dir: str | os.PathLike[str], exit_code: int) -> str:
+    """Complete meta.json after the command ended: `exit_code`, `ended`, and the status
+    ("failed" on a non-zero exit, or when the training said so; else "finished").
+
+    Returns:
+        The status written (also when meta.json could not be rewritten).
+    """
+    meta = read_meta(run_dir)
+    status = meta.get("status")
+    if exit_code != 0:
+        status = "failed"
+    elif status not in ("finished", "failed"):
+        status = "finished"  # the process ended without closing its watch (os._exit)
+    meta.update(status=status, exit_code=int(exit_code))
+    if not meta.get("ended"):
+        meta["ended"] = now_iso()
+    try:
+        write_json_atomic(Path(run_dir) / META, meta)
+    except OSError:
+        pass
+    return str(status)
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _SignalForwarder:
+    """SIGINT/SIGTERM (and SIGHUP) sent to us go to the command; we keep waiting for it.
+
+    A Ctrl-C typed at the terminal already reaches the command (same foreground process
+    group), so SIGINT is not sent a second time then.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> _SignalForwarder:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (OSError, ValueError):
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.proc.poll() is not None:
+            return
+        if signum == signal.SIGINT and _shares_terminal_group(self.proc.pid):
+            return
+        try:
+            self.proc.send_signal(signum)
+        except OSError:
+            pass
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            try:
+                signal.signal(sig, handler)
+            except (OSError, ValueError, TypeError):
+                pass
+        self._old = {}
+
+
+def _shares_terminal_group(pid: int) -> bool:
+    """True when we are the terminal's foreground process group and `pid` is in it."""
+    if os.name != "posix":
+        return False
+    try:
+        group = os.getpgrp()
+        if os.getpgid(pid) != group:
+            return False
+        for fd in (0, 1, 2):
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == group
+    except OSError:
+        return False
+    return False
+
+
+def command_title(command: Sequence[str], limit: int = 60) -> str:
+    """The command as a shell would show it, cut to `limit` characters."""
+    text = " ".join(shlex.quote(str(c)) for c in command)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None = None, *,
+                flush_every: int = 50, stats_every: int = 10, window: int | None = None,
+                panel: str = "auto", console: Console | None = None,
+                thresholds: dict[str, dict[str, Any]] | None = None,
+                env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+                every: float = 5.0, poll: float = 0.5) -> WatchedRun:
+    """Run an unmodified training command with vqdoctor's hooks attached in its Python processes.
+
+    Args:
+        command: the command and its arguments, e.g. ["python", "train.py", "--lr", "3e-4"].
+        run_dir: where to record (default: a new folder under ./vqdoctor-runs/). It must not
+            hold a run already.
+        flush_every: steps between device->host copies (and panel updates).
+        stats_every: steps between cadence statistics.
+        window: steps of the windowed usage metrics (default: automatic).
+        panel: "auto" (a pinned panel on a terminal, plain lines otherwise), "pinned",
+            "live", "lines" or "off".
+        console: where the panel goes (default: stderr).
+        thresholds: rule threshold overrides for the alerts and the report.
+        env: the command's base environment (default: ours).
+        cwd: the command's working directory (default: ours).
+        every: seconds between two plain status lines.
+        poll: seconds between two reads of the run directory.
+
+    Returns:
+        The command's exit status, the run directory and the ranked report.
+
+    Raises:
+        InputError: empty command, command not found, or unusable run directory.
+    """
+    from vqdoctor.watch.panel import NullDisplay, WatchPanel, open_display
+
+    cmd = [str(c) for c in command]
+    if not cmd:
+        raise InputError("no command to run", hint="vqdoctor watch -- python train.py")
+    rd = prepare_run_dir(run_dir if run_dir is not None else new_run_dir())
+    config = watch_config(rd, cmd, flush_every=flush_every, stats_every=stats_every, window=window)
+    try:
+        write_json_atomic(rd / META, _initial_meta(cmd, config))
+    except OSError as e:
+        raise InputError(f"cannot write meta.json: {e.strerror or e}", path=str(rd)) from None
+    try:
+        proc = subprocess.Popen(cmd, env=watch_env(config, env), cwd=cwd)
+    except FileNotFoundError:
+        raise InputError(f"command not found: {cmd[0]}") from None
+    except PermissionError:
+        raise InputError(f"cannot run {cmd[0]}: permission denied") from None
+    except OSError as e:
+        raise InputError(f"cannot run {cmd[0]}: {e.strerror or e}") from None
+
+    forwarder = _SignalForwarder(proc).install()
+    wp = WatchPanel(rd, thresholds=thresholds)
+    try:
+        try:
+            display = open_display(wp, mode=panel, console=console, title=command_title(cmd),
+                                   child_output=True, every=every)
+        except Exception:  # a panel that cannot start must not stop the training
+            display = NullDisplay(wp, console)  # type: ignore[arg-type]
+        try:
+            while True:
+                try:
+                    returncode = proc.wait(timeout=poll)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                try:
+                    display.update()
+                except Exception:
+                    display = NullDisplay(wp, console)  # type: ignore[arg-type]
+            exit_code = _exit_status(returncode)
+            status = finalize_meta(rd, exit_code)
+            try:
+                display.update(final=True)
+            except Exception:
+                pass
+        finally:
+            try:
+                display.close()
+            except Exception:
+                pass
+    finally:
+        forwarder.restore()
+        if proc.poll() is None:  # we are being torn down: do not leave the training orphaned
+            try:
+                proc.terminate()
+                proc.wait(timeout=10)
+            except Exception:
+                pass
+
+    report = None
+    note = None
+    if any(stream_paths(rd)):
+        from vqdoctor.watch.report import report_run
+
+        report = report_run(rd, thresholds)
+    else:
+        note = NOTHING_RECORDED
+    return WatchedRun(exit_code=exit_code, run_dir=rd, report=report, status=status,
+                      command=tuple(cmd), note=note, alerts=tuple(wp.sorted_alerts()))
+
+
+# ================================================================================ child side
+
+
+_AGENT: _Agent | None = None
+
+
+def _say(message: str) -> None:
+    """One line on stderr from a watched program (no rich: the child stays light)."""
+    try:
+        sys.stderr.write(f"vqdoctor: {message}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def _compiling() -> bool:
+    try:
+        import torch
+
+        return bool(torch.compiler.is_compiling())
+    except Exception:
+        return False
+
+
+def agent_boot(config: dict[str, Any]) -> None:
+    """Arm the watch in this interpreter (called by `_boot/sitecustomize.py` once torch is loaded).
+
+    Idempotent; never raises (a failure prints one warning line and leaves the program unwatched).
+    """
+    global _AGENT
+    if _AGENT is not None:
+        return
+    try:
+        agent = _Agent(config)
+        agent.arm()
+        _AGENT = agent
+    except Exception as e:
+        _say(f"warning: could not arm the watch ({type(e).__name__}: {e}); the program runs unwatched")
+
+
+class _Agent:
+    """The watch inside one child interpreter: finds the root model, runs its Doctor."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.boot_pid = os.getpid()
+        self.attach_pid: int | None = None
+        self.depth = 0
+        self.doctor: Any = None
+        self.done = False
+        self.failed = False
+        self.loss_off = False
+        self.checked: weakref.WeakSet = weakref.WeakSet()
+        self.handles: list[Any] = []
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ arming
+
+    def arm(self) -> None:
+        import torch
+        from torch.nn.modules.module import (
+            register_module_forward_hook,
+            register_module_forward_pre_hook,
+        )
+
+        self.handles.append(register_module_forward_pre_hook(self._pre))
+        try:
+            self.handles.append(register_module_forward_hook(self._post, always_call=True))
+        except TypeError:  # torch < 2.1: no always_call (depth may drift after an exception)
+            self.handles.append(register_module_forward_hook(self._post))
+        original = torch.autograd.backward
+        if not getattr(original, "_vqdoctor_wrapped", False):
+            agent = self
+
+            @functools.wraps(original)
+            def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+                if agent.doctor is not None and not agent.loss_off:
+                    agent._loss(tensors, args, kwargs)
+                return original(tensors, *args, **kwargs)
+
+            backward._vqdoctor_wrapped = True  # type: ignore[attr-defined]
+            torch.autograd.backward = backward
+        atexit.register(self._at_exit)
+        previous = sys.excepthook
+
+        def excepthook(tp: Any, value: Any, tb: Any) -> Any:
+            self.failed = True
+            return previous(tp, value, tb)
+
+        sys.excepthook = excepthook
+
+    def _warn(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        _say(f"warning: {message}")
+
+    def _disarm(self) -> None:
+        self.done = True
+        for h in self.handles:
+            try:
+                h.remove()
+            except Exception:
+                pass
+        self.handles = []
+
+    # ------------------------------------------------------------------ global module hooks
+
+    def _pre(self, module: Any, args: Any) -> None:
+        if self.done:
+            return None
+        try:
+            if _compiling():
+                return None
+            depth = self.depth
+            self.depth = depth + 1
+            if depth == 0:
+                self._consider(module)
+        except Exception as e:
+            self._disarm()
+            self._warn("attach", f"could not attach the watch ({type(e).__name__}: {e}); "
+                                 f"the program runs unwatched")
+        return None
+
+    def _post(self, module: Any, args: Any, output: Any) -> None:
+        if self.done:
+            return None
+        try:
+            if not _compiling():
+                self.depth = max(0, self.depth - 1)
+        except Exception:
+            pass
+        return None
+
+    def _eligible(self) -> bool:
+        """Only a program's main process, or a torch.distributed rank, attaches."""
+        data = sys.modules.get("torch.utils.data")
+        try:
+            if data is not None and data.get_worker_info() is not None:
+                return False
+        except Exception:
+            pass
+        mp = sys.modules.get("multiprocessing")
+        child = os.getpid() != self.boot_pid
+        try:
+            child = child or (mp is not None and mp.parent_process() is not None)
+        except Exception:
+            pass
+        if not child:
+            return True
+        dist = sys.modules.get("torch.distributed")
+        try:
+            return bool(dist is not None and dist.is_available() and dist.is_initialized())
+        except Exception:
+            return False
+
+    def _consider(self, root: Any) -> None:
+        if root in self.checked:
+            return
+        self.checked.add(root)
+        if next(root.parameters(), None) is None and next(root.buffers(), None) is None:
+            return
+        if not self._eligible():
+            return
+        from vqdoctor.watch.live import find_quantizers
+
+        found = find_quantizers(root)
+        if not found:
+            return
+        if any(_watched_already(q.module) for q in found):
+            self._disarm()
+            _say("the program runs vqdoctor.watch itself; the launcher's watch stands down")
+            return
+        self._attach(root, found)
+
+    def _attach(self, root: Any, found: list[Any]) -> None:
+        from vqdoctor.watch import watch
+
+        c = self.config
+        doctor = watch(root, c["run_dir"], flush_every=int(c.get("flush_every") or 50),
+                       stats_every=int(c.get("stats_every") or 10), window=c.get("window"),
+                       command=c.get("command"))
+        self._disarm()  # the global hooks are no longer needed: the Doctor hooks the quantizers
+        doctor.start()
+        self.doctor = doctor
+        self.attach_pid = os.getpid()
+        if doctor.rank == 0:
+            names = ", ".join(q.name for q in doctor.quantizers[:4])
+            more = f" (+{len(doctor.quantizers) - 4} more)" if len(doctor.quantizers) > 4 else ""
+            n = len(doctor.quantizers)
+            _say(f"watching {type(root).__name__}: {n} quantizer{'s' * (n != 1)} ({names}{more})"
+                 f" -> {doctor.run_dir}")
+
+    # ------------------------------------------------------------------ loss, exit
+
+    def _loss(self, tensors: Any, args: tuple, kwargs: dict) -> None:
+        try:
+            grad = args[0] if args else kwargs.get("grad_tensors", kwargs.get("grad_variables"))
+            if grad is not None:
+                return
+            t = tensors
+            if isinstance(t, (tuple, list)):
+                if len(t) != 1:
+                    return
+                t = t[0]
+            import torch
+
+            if (not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point()
+                    or _compiling() or os.getpid() != self.attach_pid):
+                return
+            doc = self.doctor
+            if doc.closed:
+                return
+            record = getattr(doc, "record_loss", None)
+            if record is not None:
+                record(t)
+                return
+            rec = getattr(doc, "_recorder", None)
+            if rec is not None and not rec.closed:
+                rec._record_loss(t)  # the device copy behind doctor.step(loss=...), without the step
+        except Exception as e:
+            self.loss_off = True
+            self._warn("loss", f"loss capture disabled ({type(e).__name__}: {e}); training continues")
+
+    def _at_exit(self) -> None:
+        doc = self.doctor
+        if doc is None or os.getpid() != self.attach_pid:
+            return
+        try:
+            doc.close("failed" if self.failed else "finished")
+        except Exception as e:
+            self._warn("close", f"could not finish the run record ({type(e).__name__}: {e})")
+
+
+def _watched_already(module: Any) -> bool:
+    """True when vqdoctor's own recorder hooks are on this module (the program calls
+    vqdoctor.watch itself)."""
+    for hooks in (getattr(module, "_forward_hooks", {}), getattr(module, "_forward_pre_hooks", {})):
+        for fn in list(hooks.values()):
+            if getattr(fn, "__module__", "") == "vqdoctor.watch.hooks":
+                return True
+    return False
+
+
+__all__ = ["BOOT_DIR", "DEFAULT_ROOT", "ENV_CONFIG", "WatchedRun", "agent_boot", "command_title",
+           "finalize_meta", "holds_run", "new_run_dir", "prepare_run_dir", "run_watched",
+           "watch_config", "watch_env"]

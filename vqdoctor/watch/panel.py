@@ -1,0 +1,623 @@
+"""The live panel: what a watched run looks like while it is being recorded.
+
+The panel reads the run directory only (`RunTail` tails `rank*.jsonl` incrementally, skipping a
+torn last line exactly as the store's readers do), so it works the same over a training in this
+process (the demo), a child process (`vqdoctor watch -- CMD`) and a run recorded elsewhere
+(`vqdoctor watch RUN_DIR`). Every few seconds it runs the rules over the records so far
+(`vqdoctor.watch.report.build_report`) and raises an **alert** for each finding of severity
+error or warning, with the step at which it first held; an alert keeps the earliest step it was
+ever seen at.
+
+Three displays (`open_display`):
+
+- `LiveDisplay`: a rich `Live` panel, for a terminal where nothing else writes (the demo,
+  `vqdoctor watch RUN_DIR`);
+- `PinnedDisplay`: the same panel pinned to the bottom rows of a terminal (a scroll region),
+  for `vqdoctor watch -- CMD`: the command writes straight to the terminal above the panel,
+  which a `Live` display (cursor-up redraws) would garble;
+- `LineDisplay`: plain lines on stderr when it is not a terminal (CI logs), one status line at
+  most every `every` seconds and one line per new alert, e.g.::
+
+      vqdoctor: step 450  quantizer: ppl 12.3/512 usage 41% dead 55% scale 1.02  loss 0.213
+      vqdoctor: ALERT VQ005 dead-codes (quantizer) @step 120: 55% of codes dead ...
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from vqdoctor.watch.store import read_meta, stream_paths
+
+# an alert line is cut to this many characters of message
+MESSAGE_CHARS = 90
+# quantizers shown (the rest are counted)
+MAX_QUANTIZERS = 8
+# alerts shown in the terminal panels (most recent first-held steps last)
+MAX_ALERTS = 6
+
+
+@dataclass(frozen=True)
+class PanelAlert:
+    """A finding seen while the run was being recorded (error or warning).
+
+    Attributes:
+        id: failure-mode id, e.g. "dead-codes".
+        code: e.g. "VQ005".
+        severity: "error" or "warning".
+        quantizer: quantizer name, None for run-wide findings.
+        step: the step at which the condition first held.
+        message: one line.
+        seen_at: the newest recorded step when the panel first raised it.
+    """
+
+    id: str
+    code: str
+    severity: str
+    quantizer: str | None
+    step: int | None
+    message: str
+    seen_at: int | None = None
+
+    def line(self) -> str:
+        """`ALERT VQ005 dead-codes (quantizer) @step 120: message`."""
+        where = f" ({self.quantizer})" if self.quantizer else ""
+        at = f" @step {self.step}" if self.step is not None else ""
+        msg = " ".join(self.message.split())
+        if len(msg) > MESSAGE_CHARS:
+            msg = msg[: MESSAGE_CHARS - 3] + "..."
+        return f"ALERT {self.code} {self.id}{where}{at}: {msg}"
+
+
+class RunTail:
+    """Incremental reader of a run directory that is being written.
+
+    Each `poll` reads only the bytes appended since the last one; a line is parsed once it is
+    complete (a torn or unparsable line is skipped, never an error), and a `start` record
+    begins a new session of its rank, as in `vqdoctor.watch.store.load_records`.
+
+    Attributes:
+        run_dir: the run directory.
+        meta: the latest meta.json ({} while absent).
+        streams: rank -> records of its current session.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]):
+        self.run_dir = Path(run_dir)
+        self.meta: dict[str, Any] = {}
+        self.streams: dict[int, list[dict[str, Any]]] = {}
+        self._pos: dict[int, int] = {}
+        self._rest: dict[int, bytes] = {}
+        self._meta_mtime: float | None = None
+
+    def poll(self) -> list[tuple[int, dict[str, Any]]]:
+        """Read what was appended since the last call.
+
+        Returns:
+            The new records as (rank, record), in file order per rank.
+        """
+        new: list[tuple[int, dict[str, Any]]] = []
+        self._poll_meta()
+        try:
+            paths = stream_paths(self.run_dir)
+        except OSError:
+            return new
+        for rank, path in paths.items():
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            pos = self._pos.get(rank, 0)
+            if size < pos:  # replaced or truncated: read it again from the start
+                pos = 0
+                self._rest[rank] = b""
+                self.streams[rank] = []
+            if size == pos:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    data = f.read(size - pos)
+            except OSError:
+                continue
+            self._pos[rank] = pos + len(data)
+            lines = (self._rest.get(rank, b"") + data).split(b"\n")
+            self._rest[rank] = lines.pop()
+            recs = self.streams.setdefault(rank, [])
+            for raw in lines:
+                rec = _parse(raw)
+                if rec is None:
+                    continue
+                if rec["t"] == "start":
+                    recs.clear()
+                recs.append(rec)
+                new.append((rank, rec))
+        return new
+
+    def _poll_meta(self) -> None:
+        try:
+            mtime = (self.run_dir / "meta.json").stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime != self._meta_mtime:
+            meta = read_meta(self.run_dir)
+            if meta:
+                self.meta = meta
+                self._meta_mtime = mtime
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        rec = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "t" in rec else None
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if pct:
+        return f"{100 * v:.0f}%"
+    a = abs(v)
+    if a != 0 and (a >= 1e4 or a < 1e-3):
+        return f"{v:.2e}"
+    return f"{v:.3g}" if a < 100 else f"{v:.0f}"
+
+
+class WatchPanel:
+    """The state behind every display: latest values per quantizer, the loss, alerts.
+
+    Args:
+        run_dir: the run directory.
+        rules_every: seconds between two runs of the rules (stretched to 5x the time the last
+            run took, so a long run never spends its time diagnosing).
+        thresholds: rule threshold overrides, as for `vqdoctor.report`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, rules_every: float = 3.0,
+                 thresholds: dict[str, dict[str, Any]] | None = None):
+        self.tail = RunTail(run_dir)
+        self.run_dir = Path(run_dir)
+        self.rules_every = float(rules_every)
+        self.thresholds = thresholds
+        self.infos: dict[str, dict[str, Any]] = {}
+        self.latest: dict[str, dict[str, float]] = {}
+        self.step: int | None = None
+        self.loss: float | None = None
+        self.alerts: dict[tuple[str, str | None], PanelAlert] = {}
+        self.errors: list[str] = []
+        self._rules_at = 0.0
+        self._rules_cost = 0.0
+        self._dirty = False
+        self._rules_failed = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def status(self) -> str:
+        """meta.json's status ("running", "finished", "failed"), "waiting" before it exists."""
+        return str(self.tail.meta.get("status") or "waiting")
+
+    @property
+    def recorded(self) -> bool:
+        """True once any rank's stream holds a record."""
+        return any(self.tail.streams.values())
+
+    @property
+    def world_size(self) -> int:
+        """Ranks seen (meta's world size, or the number of streams)."""
+        return max(int(self.tail.meta.get("world_size") or 1), len(self.tail.streams), 1)
+
+    def refresh(self, *, rules: bool | None = None) -> list[PanelAlert]:
+        """Read new records; run the rules when due (or when `rules` is True).
+
+        Returns:
+            Alerts raised by this refresh (new finding ids, or an earlier first step).
+        """
+        new = self.tail.poll()
+        shown = min(self.tail.streams) if self.tail.streams else 0
+        for rank, rec in new:
+            t = rec.get("t")
+            if t == "start":
+                for q in rec.get("quantizers") or []:
+                    if isinstance(q, dict) and "name" in q:
+                        self.infos[str(q["name"])] = q
+                if rank == shown:
+                    self.latest = {}
+                continue
+            if rank != shown:
+                continue
+            step = rec.get("step")
+            if t == "step" and isinstance(step, int):
+                name = str(rec.get("q"))
+                cur = self.latest.setdefault(name, {})
+                for k, v in rec.items():
+                    x = _num(v)
+                    if x is not None and k not in ("step",):
+                        cur[k] = x
+                cur["step"] = float(step)
+                self.step = step if self.step is None else max(self.step, step)
+            elif t == "run" and isinstance(step, int):
+                x = _num(rec.get("loss"))
+                if x is not None:
+                    self.loss = x
+                self.step = step if self.step is None else max(self.step, step)
+        if new:
+            self._dirty = True
+        for q in self.tail.meta.get("quantizers") or []:
+            if isinstance(q, dict) and "name" in q:
+                self.infos.setdefault(str(q["name"]), q)
+        due = time.monotonic() - self._rules_at >= max(self.rules_every, 5 * self._rules_cost)
+        if rules or (rules is None and self._dirty and due):
+            return self._run_rules()
+        return []
+
+    def _run_rules(self) -> list[PanelAlert]:
+        self._dirty = False
+        self._rules_at = time.monotonic()
+        if not self.recorded or self._rules_failed:
+            return []
+        t0 = time.perf_counter()
+        try:
+            from vqdoctor.watch.report import build_report
+
+            report = build_report(self.tail.meta, self.tail.streams, [str(self.run_dir)],
+                                  self.thresholds)
+        except Exception as e:  # the panel must never stop the training or the report
+            self._rules_failed = True
+            self.errors.append(f"alerts unavailable ({type(e).__name__}: {e})")
+            return []
+        finally:
+            self._rules_cost = time.perf_counter() - t0
+        raised: list[PanelAlert] = []
+        for f in report.findings:
+            if f.severity not in ("error", "warning"):
+                continue
+            key = (f.id, f.quantizer)
+            old = self.alerts.get(key)
+            if old is not None and (f.step is None or (old.step is not None and old.step <= f.step)):
+                continue
+            alert = PanelAlert(f.id, f.code, f.severity, f.quantizer, f.step, f.message,
+                               old.seen_at if old is not None else self.step)
+            self.alerts[key] = alert
+            if old is None:
+                raised.append(alert)
+        return raised
+
+    def sorted_alerts(self) -> list[PanelAlert]:
+        """Alerts by the step they first held (run-wide ones without a step last)."""
+        return sorted(self.alerts.values(), key=lambda a: (a.step is None, a.step or 0, a.id))
+
+    # ------------------------------------------------------------------ views
+
+    def _codebook_size(self, name: str) -> int | None:
+        k = self.infos.get(name, {}).get("codebook_size")
+        return int(k) if isinstance(k, (int, float)) and k else None
+
+    def quantizer_summary(self, name: str) -> str:
+        """`name: ppl 12.3/512 usage 41% dead 55% scale 1.02`."""
+        m = self.latest.get(name, {})
+        k = self._codebook_size(name)
+        parts = [f"{name}: ppl {_fmt(m.get('perplexity'))}" + (f"/{k}" if k else "")]
+        if "usage_window" in m:
+            parts.append(f"usage {_fmt(m['usage_window'], pct=True)}")
+        if "dead_fraction" in m:
+            parts.append(f"dead {_fmt(m['dead_fraction'], pct=True)}")
+        if "scale_ratio" in m:
+            parts.append(f"scale {_fmt(m['scale_ratio'])}")
+        return " ".join(parts)
+
+    def status_line(self) -> str:
+        """One line: the newest step, each quantizer (up to a few), the loss."""
+        if not self.recorded:
+            return "waiting for the first records ..."
+        names = list(self.latest)
+        segs = [self.quantizer_summary(n) for n in names[:4]]
+        if len(names) > 4:
+            segs.append(f"(+{len(names) - 4} more)")
+        line = f"step {self.step if self.step is not None else '-'}  " + "  ".join(segs)
+        if self.loss is not None:
+            line += f"  loss {_fmt(self.loss)}"
+        return line
+
+    def renderable(self, title: str | None = None) -> Group:
+        """The panel as a rich renderable: a header, one row per quantizer, then the alerts."""
+        head = Text()
+        head.append("vqdoctor watch", style="bold")
+        if title:
+            head.append(f"  {title}", style="dim")
+        head.append(f"  step {self.step if self.step is not None else '-'}")
+        if self.loss is not None:
+            head.append(f"  loss {_fmt(self.loss)}")
+        if self.world_size > 1:
+            head.append(f"  ranks {self.world_size} (values of rank {min(self.tail.streams or [0])})",
+                        style="dim")
+        status = self.status
+        head.append(f"  [{status}]", style={"failed": "red", "finished": "green"}.get(status, "dim"))
+        parts: list[Any] = [head]
+        if self.latest:
+            table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+            for col, justify in (("quantizer", "left"), ("ppl / K", "right"), ("usage", "right"),
+                                 ("dead", "right"), ("scale", "right")):
+                table.add_column(col, justify=justify)  # type: ignore[arg-type]
+            names = list(self.latest)
+            for name in names[:MAX_QUANTIZERS]:
+                m = self.latest[name]
+                k = self._codebook_size(name)
+                table.add_row(name, _fmt(m.get("perplexity")) + (f" / {k}" if k else ""),
+                              _fmt(m.get("usage_window"), pct=True),
+                              _fmt(m.get("dead_fraction"), pct=True), _fmt(m.get("scale_ratio")))
+            if len(names) > MAX_QUANTIZERS:
+                table.add_row(f"(+{len(names) - MAX_QUANTIZERS} more)", "", "", "", "")
+            parts.append(table)
+        else:
+            parts.append(Text("waiting for the first records ...", style="dim"))
+        alerts = self.sorted_alerts()
+        if alerts:
+            for a in alerts[:MAX_ALERTS]:
+                parts.append(Text(a.line(), style="bold red" if a.severity == "error" else "yellow",
+                                  no_wrap=True, overflow="ellipsis"))
+            if len(alerts) > MAX_ALERTS:
+                parts.append(Text(f"(+{len(alerts) - MAX_ALERTS} more alerts)", style="dim"))
+        elif self.recorded:
+            parts.append(Text("no alerts", style="green"))
+        return Group(*parts)
+
+
+# ---------------------------------------------------------------------------------- displays
+
+
+class Display:
+    """Shows a `WatchPanel`; `update()` is called every half second or so, `close()` once."""
+
+    def __init__(self, panel: WatchPanel, console: Console, title: str | None = None):
+        self.panel = panel
+        self.console = console
+        self.title = title
+
+    def update(self, *, final: bool = False) -> list[PanelAlert]:
+        """Refresh the panel (rules when due; always when `final`) and show it."""
+        return self.panel.refresh(rules=True if final else None)
+
+    def close(self) -> None:
+        """Stop showing the panel (leaves the terminal as it was)."""
+
+    def __enter__(self) -> Display:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class NullDisplay(Display):
+    """No panel (`--no-panel` on a terminal): the state is still kept, for alerts."""
+
+
+class LineDisplay(Display):
+    """Plain lines on a non-terminal stream: a status line at most every `every` seconds, when
+    there is news, and one line per alert as soon as it fires."""
+
+    def __init__(self, panel: WatchPanel, console: Console, title: str | None = None, *,
+                 every: float = 5.0):
+        super().__init__(panel, console, title)
+        self.every = float(every)
+        self._last = 0.0
+        self._last_step: int | None = None
+
+    def _say(self, text: str) -> None:
+        self.console.print(Text(f"vqdoctor: {text}"), soft_wrap=True)
+
+    def update(self, *, final: bool = False) -> list[PanelAlert]:
+        alerts = super().update(final=final)
+        now = time.monotonic()
+        news = self.panel.step is not None and self.panel.step != self._last_step
+        if news and (final or now - self._last >= self.every or alerts):
+            self._say(self.panel.status_line())
+            self._last, self._last_step = now, self.panel.step
+        for a in alerts:
+            self._say(a.line())
+        return alerts
+
+
+class LiveDisplay(Display):
+    """A rich `Live` panel on a terminal where nothing else writes meanwhile."""
+
+    def __init__(self, panel: WatchPanel, console: Console, title: str | None = None):
+        super().__init__(panel, console, title)
+        from rich.live import Live
+
+        self._live = Live(panel.renderable(title), console=console, auto_refresh=False,
+                          transient=False, redirect_stdout=False, redirect_stderr=False)
+        self._live.start()
+
+    def update(self, *, final: bool = False) -> list[PanelAlert]:
+        alerts = super().update(final=final)
+        self._live.update(self.panel.renderable(self.title), refresh=True)
+        return alerts
+
+    def close(self) -> None:
+        self._live.stop()
+
+
+class PinnedDisplay(Display):
+    """The panel pinned to the bottom rows of a terminal; everything else scrolls above it.
+
+    Uses a scroll region (DECSTBM, `ESC [ top ; bottom r`), as apt's progress bar does: a child
+    process writing straight to the terminal scrolls inside the region, and each redraw is one
+    `write` that saves the cursor, draws the bottom rows and restores it. Closing clears the
+    rows and resets the region.
+    """
+
+    def __init__(self, panel: WatchPanel, console: Console, title: str | None = None, *,
+                 max_rows: int = 12):
+        super().__init__(panel, console, title)
+        self.max_rows = max_rows
+        self._rows = 0
+        self._height = 0
+        self._fd = _fileno(console.file)
+        self.update()
+
+    def _size(self) -> tuple[int, int]:
+        try:
+            sz = os.get_terminal_size(self._fd if self._fd is not None else 2)
+            return sz.columns, sz.lines
+        except OSError:
+            return 80, 24
+
+    def _lines(self, width: int) -> list[str]:
+        buf = io.StringIO()
+        con = Console(file=buf, force_terminal=True, width=width,
+                      color_system=self.console.color_system or None, no_color=self.console.no_color,
+                      highlight=False, emoji=False, markup=False)
+        con.print(self.panel.renderable(self.title), soft_wrap=False, crop=True, overflow="ellipsis")
+        return buf.getvalue().rstrip("\n").split("\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            if self._fd is not None:
+                data = text.encode("utf-8", errors="replace")
+                while data:
+                    n = os.write(self._fd, data)
+                    data = data[n:]
+            else:
+                self.console.file.write(text)
+                self.console.file.flush()
+        except OSError:
+            pass
+
+    def update(self, *, final: bool = False) -> list[PanelAlert]:
+        alerts = super().update(final=final)
+        width, height = self._size()
+        lines = self._lines(width)[: max(1, min(self.max_rows, height // 2))]
+        out = []
+        if len(lines) != self._rows or height != self._height:
+            out.append(self._clear_seq())
+            n = len(lines)
+            # make room at the bottom, then confine scrolling to the rows above the panel
+            out.append("\n" * n + f"\x1b[{n}A" + "\x1b7" + f"\x1b[1;{height - n}r" + "\x1b8")
+            self._rows, self._height = n, height
+        out.append("\x1b7")
+        for i, line in enumerate(lines):
+            out.append(f"\x1b[{height - len(lines) + 1 + i};1H\x1b[2K{line}")
+        out.append("\x1b8")
+        self._write("".join(out))
+        return alerts
+
+    def _clear_seq(self) -> str:
+        if not self._rows:
+            return ""
+        seq = ["\x1b7"]
+        for i in range(self._rows):
+            seq.append(f"\x1b[{self._height - self._rows + 1 + i};1H\x1b[2K")
+        seq.append("\x1b[r\x1b8")
+        return "".join(seq)
+
+    def close(self) -> None:
+        self._write(self._clear_seq())
+        self._rows = 0
+
+
+def _fileno(f: Any) -> int | None:
+    try:
+        return int(f.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def open_display(panel: WatchPanel, *, mode: str = "auto", console: Console | None = None,
+                 title: str | None = None, child_output: bool = False, every: float = 5.0) -> Display:
+    """The display for this stream.
+
+    Args:
+        panel: the panel state.
+        mode: "auto" (a terminal panel on a terminal, lines otherwise), "live", "pinned",
+            "lines" or "off".
+        console: where to show it (default: a console on stderr).
+        title: shown in the panel's header (e.g. the command).
+        child_output: another process writes to the same terminal (the launcher's child):
+            "auto" then pins the panel to the bottom rows instead of using rich `Live`.
+        every: seconds between two plain status lines.
+    """
+    con = console or Console(stderr=True, highlight=False, emoji=False, markup=False, soft_wrap=True)
+    if mode == "auto":
+        if not con.is_terminal or con.is_dumb_terminal:
+            mode = "lines"
+        elif child_output:
+            mode = "pinned" if os.name == "posix" else "lines"
+        else:
+            mode = "live"
+    if mode == "off":
+        return NullDisplay(panel, con, title)
+    if mode == "lines":
+        return LineDisplay(panel, con, title, every=every)
+    if mode == "pinned":
+        return PinnedDisplay(panel, con, title)
+    if mode == "live":
+        return LiveDisplay(panel, con, title)
+    raise ValueError(f"unknown panel mode {mode!r}")
+
+
+def follow_run(run_dir: str | os.PathLike[str], *, mode: str = "auto", console: Console | None = None,
+               poll: float = 0.5, every: float = 5.0, stop: Callable[[], bool] | None = None,
+               thresholds: dict[str, dict[str, Any]] | None = None, title: str | None = None,
+               wait_for_start: float | None = None) -> WatchPanel:
+    """Show the panel over a run until its meta.json says finished/failed (or `stop()` is True).
+
+    Args:
+        run_dir: the run directory (it may not hold records yet).
+        mode: display mode, see `open_display`.
+        console: where to show it.
+        poll: seconds between two reads of the run directory.
+        every: seconds between two plain status lines.
+        stop: called at every poll; True ends the panel early.
+        thresholds: rule threshold overrides.
+        title: shown in the header.
+        wait_for_start: give up after this many seconds when nothing was ever recorded.
+
+    Returns:
+        The panel state at the end (alerts, latest values).
+    """
+    panel = WatchPanel(run_dir, thresholds=thresholds)
+    t0 = time.monotonic()
+    with open_display(panel, mode=mode, console=console, title=title, every=every) as display:
+        while True:
+            display.update()
+            if panel.status in ("finished", "failed") and panel.recorded:
+                break
+            if stop is not None and stop():
+                break
+            if (wait_for_start is not None and not panel.recorded
+                    and time.monotonic() - t0 > wait_for_start):
+                break
+            time.sleep(poll)
+        display.update(final=True)
+    return panel
+
+
+__all__ = ["Display", "LineDisplay", "LiveDisplay", "NullDisplay", "PanelAlert", "PinnedDisplay",
+           "RunTail", "WatchPanel", "follow_run", "open_display"]
