@@ -336,16 +336,14 @@ def test_permission_denied(good_ckpt: Path, tmp_path: Path) -> None:
         path.chmod(0o600)
 
 
-def test_bad_inputs_in_a_real_process(tmp_path: Path) -> None:
-    """The same contract from a real process: stderr is a pipe, not a terminal."""
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    text = tmp_path / "notes.txt"
-    text.write_text("hello\n")
-    env = {**os.environ, "NO_COLOR": "1"}
-    for path in (empty, text, tmp_path / "missing.pt"):
-        proc = subprocess.run([sys.executable, "-m", "vqdoctor", "inspect", str(path)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-        (line,) = proc.stderr.splitlines()
-        assert line.startswith("vqdoctor: error: ") and str(path) in line
+def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
+    """The same contract from a real process: stderr is a pipe, not a terminal, 80 columns."""
+    path = tmp_path / ("a-long-folder-name-" * 6) / "train.log"
+    path.parent.mkdir()
+    path.write_text("hello\n")
+    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "inspect", str(path)], cwd=ROOT,
+                          env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    (line,) = proc.stderr.splitlines()  # longer than 80 columns, still one line
+    assert line.startswith("vqdoctor: error: ") and str(path) in line and len(line) > 80

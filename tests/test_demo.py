@@ -6,14 +6,20 @@ margin over what seeds 0-4 give (numbers in `vqdoctor/demo.py`'s docstring).
 
 from __future__ import annotations
 
+import io
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
 
+import vqdoctor
 from vqdoctor.demo import DemoConfig, DemoResult, run_demo
+from vqdoctor.watch.panel import LineDisplay, WatchPanel
 
 CFG = DemoConfig()
 K, D = CFG.codebook_size, CFG.dim
@@ -24,9 +30,28 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The demo's result, with the progress lines and RNG/thread state seen around it."""
     workdir = tmp_path_factory.mktemp("demo")
     lines: list[str] = []
+    panel_text = io.StringIO()
+    refreshes: dict[str, int] = {}
+
+    @contextmanager
+    def panel(name: str, run_dir: Path) -> Iterator[Any]:
+        # the CLI's panel, as plain lines (what a CI log shows)
+        display = LineDisplay(WatchPanel(run_dir, rules_every=2.0), Console(file=panel_text, width=200),
+                              every=0.0)
+        panel_text.write(f"== {name}\n")
+
+        def refresh() -> None:
+            refreshes[name] = refreshes.get(name, 0) + 1
+            display.update()
+
+        yield refresh
+        display.update(final=True)
+        panel_text.write(f"== end {name}\n")
+
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
-    result = run_demo(workdir, seed=0, progress=lines.append)
-    return {"result": result, "workdir": workdir, "lines": lines,
+    result = run_demo(workdir, seed=0, progress=lines.append, panel=panel)
+    return {"result": result, "workdir": workdir, "lines": lines, "panel": panel_text.getvalue(),
+            "refreshes": refreshes,
             "rng_restored": torch.equal(rng, torch.get_rng_state()),
             "threads_restored": threads == torch.get_num_threads()}
 
@@ -132,5 +157,39 @@ def test_progress_and_global_state(demo: dict[str, Any]) -> None:
     lines = demo["lines"]
     assert any("collapsing run (seed 0" in line for line in lines)
     assert any("fixed run" in line for line in lines)
+    assert any("recorded runs" in line for line in lines)
     assert demo["rng_restored"]
     assert demo["threads_restored"]
+
+
+def test_watched_run_diagnosis(demo: dict[str, Any]) -> None:
+    res: DemoResult = demo["result"]
+    run = res.collapsed_run
+    assert run is not None and res.healthy_run is not None
+    first = run.findings[0]
+    assert first.id == "ema-divergence", run.to_dict()["findings"]
+    assert first.severity == "error"
+    ids = {f.id: f for f in run.findings}
+    # the collapse starts with the first batch after one EMA update: step 1 (steps count from 0)
+    assert ids["index-collapse"].step == 1
+    assert ids["index-collapse"].caused_by is not None
+    assert ids["dead-codes"].step is not None and ids["dead-codes"].step <= 1
+    assert res.healthy_run.verdict == "healthy", res.healthy_run.to_dict()["findings"]
+    df = vqdoctor.load_run(res.run_dirs["collapsed"])
+    assert df["step"].min() == 0 and df["step"].max() == CFG.steps - 1
+    assert set(res.run_dirs) == {"collapsed", "healthy"}
+    assert all(p.parent == demo["workdir"] / "runs" for p in res.run_dirs.values())
+
+
+def test_alert_fires_while_the_collapsing_run_trains(demo: dict[str, Any]) -> None:
+    text: str = demo["panel"]
+    collapsed = text[text.index("== collapsed"): text.index("== end collapsed")]
+    alert = "ALERT VQ006 index-collapse (quantizer) @step 1"
+    assert alert in collapsed, collapsed
+    # raised mid-run: status lines of later steps follow it
+    later = collapsed[collapsed.index(alert):]
+    assert f"step {CFG.steps - 1} " in later
+    assert "step 9 " in collapsed[: collapsed.index(alert)]
+    healthy = text[text.index("== healthy"): text.index("== end healthy")]
+    assert "ALERT" not in healthy, healthy
+    assert demo["refreshes"]["collapsed"] == CFG.steps // CFG.watch_flush_every

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqdoctor.metrics import functional as F
-from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
+from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram, usage_weights
 from vqdoctor.metrics.names import CODEBOOK
 from vqdoctor.quantizers.base import QuantizerState
 
@@ -117,10 +117,17 @@ def test_reference_norm_is_weighted_by_usage():
     cb = torch.cat([torch.randn(24, 16, generator=g) * 8, torch.randn(200, 16, generator=g) * 0.01])
     counts = torch.cat([torch.full((24,), 40.0), torch.full((200,), 0.8 ** 5)])
     m = codebook_metrics(state(cb, counts))
-    assert m["code_norm_median"] == pytest.approx(F.weighted_median(F.row_norms(cb), counts))
+    assert m["code_norm_median"] == pytest.approx(F.weighted_median(F.row_norms(cb), usage_weights(counts)))
     assert m["code_norm_median"] > 10 and m["blowup_rows"] == 0.0
     # Without counts the plain median is all there is.
     assert codebook_metrics(state(cb, kind="vq"))["code_norm_median"] < 1
+    # A collapse: one code near the data mean (norm ~0.1) took 90% of the inputs; it weighs as
+    # one used code, so the scale stays that of the codes in use (~8), not ~0.1.
+    cb = torch.cat([torch.full((1, 16), 0.025), torch.randn(63, 16, generator=g) * 2])
+    counts = torch.cat([torch.tensor([900.0]), torch.full((63,), 100 / 63)])
+    m = codebook_metrics(state(cb, counts))
+    assert 5 < m["code_norm_median"] < 12 and m["blowup_rows"] == 0.0
+    assert usage_weights(counts).tolist() == pytest.approx([1000 / 64] + [100 / 63] * 63)
 
 
 def test_weighted_median():
@@ -312,6 +319,7 @@ def test_property_nonfinite_anywhere_never_leaks(seed):
     assert got["nonfinite_rows"] == float((~torch.isfinite(cb).all(-1)).sum())
     assert got["nonfinite_total"] == float((~torch.isfinite(cb)).sum() + (~torch.isfinite(n)).sum()
                                            + (~torch.isfinite(m)).sum())
-    rows = torch.isfinite(cb[0]).all(-1)  # the count-weighted median over finite rows
-    assert got["code_norm_median"] == pytest.approx(F.weighted_median(F.row_norms(cb[0][rows]), n[0][rows]))
+    rows = torch.isfinite(cb[0]).all(-1)  # the usage-weighted median over finite rows
+    w = usage_weights(n)[0]
+    assert got["code_norm_median"] == pytest.approx(F.weighted_median(F.row_norms(cb[0][rows]), w[rows]))
     assert 0.0 <= got["dead_fraction"] <= 1.0 and got["perplexity"] >= 1.0

@@ -75,8 +75,10 @@ run should be reported healthy.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,9 @@ class DemoConfig:
             fraction of the expected count n/K.
         snapshot_step: step after which an early checkpoint of the collapsing run is saved
             (drift evidence); None for none.
+        watch_flush_every: flush cadence of the live watch (steps): the panel updates, and
+            alerts can fire, at each flush.
+        watch_stats_every: cadence statistics of the live watch (steps).
     """
 
     input_dim: int = 32
@@ -131,6 +136,8 @@ class DemoConfig:
     clip: float = 1.0
     replace_below: float = 0.5
     snapshot_step: int | None = 20
+    watch_flush_every: int = 10
+    watch_stats_every: int = 5
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,10 @@ class DemoResult:
         checkpoints: saved files by role: "collapsed", "healthy" (state dicts),
             "collapsed_probe", "healthy_probe" ([N, D] encoder outputs on held-out data) and,
             when saved, "collapsed_early" (an early checkpoint of the collapsing run).
+        collapsed_run: vqdoctor's report on the collapsing run's recorded training (the live
+            watch: per-step signals, findings with the step they first held).
+        healthy_run: the same for the fixed run.
+        run_dirs: the run directories, by run ("collapsed", "healthy").
     """
 
     collapsed: Report
@@ -155,6 +166,9 @@ class DemoResult:
     collapsed_stats: dict[str, Any]
     healthy_stats: dict[str, Any]
     checkpoints: dict[str, Path] = field(default_factory=dict)
+    collapsed_run: Report | None = None
+    healthy_run: Report | None = None
+    run_dirs: dict[str, Path] = field(default_factory=dict)
 
 
 class EMAQuantizer(nn.Module):
@@ -271,9 +285,11 @@ def perplexity(idx: torch.Tensor, k: int) -> float:
 
 
 def train_run(cfg: DemoConfig, *, zero_init_counts: bool, replace_below: float | None, seed: int,
-              workdir: Path, name: str, snapshot_step: int | None = None
+              workdir: Path, name: str, snapshot_step: int | None = None,
+              run_dir: Path | None = None, on_flush: Callable[[], None] | None = None
               ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Train one run, save its checkpoint(s) and probe.
+    """Train one run (watched by `vqdoctor.watch` when `run_dir` is given), save its checkpoint(s)
+    and probe.
 
     Args:
         cfg: sizes and hyper-parameters.
@@ -284,6 +300,8 @@ def train_run(cfg: DemoConfig, *, zero_init_counts: bool, replace_below: float |
         name: file stem, e.g. "collapsed".
         snapshot_step: also save the model after this step, as `{name}_step{N}.pt` (role
             `{name}_early`).
+        run_dir: record the training here with `vqdoctor.watch` (None: not watched).
+        on_flush: called after each flush of the watch (the live panel's refresh).
 
     Returns:
         (statistics, files by role).
@@ -301,21 +319,32 @@ def train_run(cfg: DemoConfig, *, zero_init_counts: bool, replace_below: float |
     losses: list[float] = []
     batch_ppl = ppl_step2 = float("nan")
     model.train()
-    for step in range(1, cfg.steps + 1):
-        i = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=g)
-        logits, commit, idx = model(x_tr[i])
-        loss = F.cross_entropy(logits, y_tr[i]) + cfg.commitment * commit
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        losses.append(loss.item())
-        batch_ppl = perplexity(idx, cfg.codebook_size)
-        if step == 2:  # the first batch that meets the codebook after one EMA update
-            ppl_step2 = batch_ppl
-        if step == snapshot_step:
-            files[f"{name}_early"] = workdir / f"{name}_step{step}.pt"
-            torch.save(model.state_dict(), files[f"{name}_early"])
+    with ExitStack() as stack:
+        doctor = None
+        if run_dir is not None:
+            from vqdoctor.watch import watch
+
+            doctor = stack.enter_context(watch(model, run_dir, flush_every=cfg.watch_flush_every,
+                                               stats_every=cfg.watch_stats_every))
+            if on_flush is not None:
+                doctor.on_flush(lambda _records: on_flush())
+        for step in range(1, cfg.steps + 1):
+            i = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=g)
+            logits, commit, idx = model(x_tr[i])
+            loss = F.cross_entropy(logits, y_tr[i]) + cfg.commitment * commit
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            if doctor is not None:
+                doctor.step(loss=loss)
+            losses.append(loss.item())
+            batch_ppl = perplexity(idx, cfg.codebook_size)
+            if step == 2:  # the first batch that meets the codebook after one EMA update
+                ppl_step2 = batch_ppl
+            if step == snapshot_step:
+                files[f"{name}_early"] = workdir / f"{name}_step{step}.pt"
+                torch.save(model.state_dict(), files[f"{name}_early"])
     model.eval()
     with torch.no_grad():
         z = model.encoder(x_te)
@@ -341,20 +370,38 @@ def train_run(cfg: DemoConfig, *, zero_init_counts: bool, replace_below: float |
     return stats, files
 
 
-def run_demo(workdir: Path, *, seed: int = 0, progress: Callable[[str], None] | None = None,
-             config: DemoConfig | None = None) -> DemoResult:
-    """Train the collapsing and the fixed run, save their files in `workdir`, diagnose both.
+PanelFactory = Callable[[str, Path], AbstractContextManager[Callable[[], None]]]
+"""Given (run name, run directory), a context manager around one watched training that yields
+the refresh function to call after each flush (the CLI's live panel)."""
 
-    The global torch RNG state and thread count are restored afterwards.
+
+def _fresh_run_dir(path: Path) -> Path:
+    """The demo's own run directory, emptied of an earlier demo's run (`--keep DIR` twice)."""
+    if (path / "meta.json").exists() or any(path.glob("rank*.jsonl")):
+        shutil.rmtree(path)
+    return path
+
+
+def run_demo(workdir: Path, *, seed: int = 0, progress: Callable[[str], None] | None = None,
+             config: DemoConfig | None = None, panel: PanelFactory | None = None,
+             watch: bool = True) -> DemoResult:
+    """Train the collapsing and the fixed run under `vqdoctor.watch`, save their files in
+    `workdir`, diagnose both: from the recorded runs and from the checkpoints.
+
+    The global torch RNG state and thread count are restored afterwards. Watching changes
+    nothing in the trainings (same parameters, bit for bit).
 
     Args:
-        workdir: folder for checkpoints and probes (created if missing).
+        workdir: folder for checkpoints, probes and run directories (`runs/collapsed`,
+            `runs/healthy`; created if missing).
         seed: random seed of both runs (same data, same initialisation).
         progress: called with one short line per stage.
         config: sizes and hyper-parameters (defaults: `DemoConfig()`).
+        panel: the live panel around each watched training (see `PanelFactory`).
+        watch: record the trainings with `vqdoctor.watch` (False: checkpoints only).
 
     Returns:
-        Both reports, their training statistics and the saved files.
+        The run and checkpoint reports, training statistics, files and run directories.
     """
     from vqdoctor.diagnosis import inspect_checkpoints
 
@@ -362,6 +409,17 @@ def run_demo(workdir: Path, *, seed: int = 0, progress: Callable[[str], None] | 
     say = progress or (lambda _msg: None)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    run_dirs = ({name: _fresh_run_dir(workdir / "runs" / name) for name in ("collapsed", "healthy")}
+                if watch else {})
+
+    def train(name: str, **kw: Any) -> tuple[dict[str, Any], dict[str, Path]]:
+        run_dir = run_dirs.get(name)
+        with ExitStack() as stack:
+            refresh = (stack.enter_context(panel(name, run_dir))
+                       if panel is not None and run_dir is not None else None)
+            return train_run(cfg, seed=seed, workdir=workdir, name=name, run_dir=run_dir,
+                             on_flush=refresh, **kw)
+
     threads = torch.get_num_threads()
     # Tiny matrices: one thread avoids the synchronisation cost of more, and leaves the other
     # cores to whatever else runs.
@@ -370,26 +428,32 @@ def run_demo(workdir: Path, *, seed: int = 0, progress: Callable[[str], None] | 
         with torch.random.fork_rng(devices=[]):
             say(f"training the collapsing run (seed {seed}, {cfg.steps} steps, "
                 f"EMA counts zero-initialised)...")
-            c_stats, c_files = train_run(cfg, zero_init_counts=True, replace_below=None, seed=seed,
-                                         workdir=workdir, name="collapsed",
-                                         snapshot_step=cfg.snapshot_step)
+            c_stats, c_files = train("collapsed", zero_init_counts=True, replace_below=None,
+                                     snapshot_step=cfg.snapshot_step)
             say(f"training the fixed run (seed {seed}, {cfg.steps} steps, "
                 f"counts start at ones, dead codes re-seeded)...")
-            h_stats, h_files = train_run(cfg, zero_init_counts=False,
-                                         replace_below=cfg.replace_below, seed=seed,
-                                         workdir=workdir, name="healthy")
-        say("diagnosing the collapsing run...")
+            h_stats, h_files = train("healthy", zero_init_counts=False,
+                                     replace_below=cfg.replace_below)
+        collapsed_run = healthy_run = None
+        if watch:
+            from vqdoctor.watch.report import report_run
+
+            say("diagnosing the recorded runs...")
+            collapsed_run = report_run(run_dirs["collapsed"])
+            healthy_run = report_run(run_dirs["healthy"])
+        say("diagnosing the collapsing run's checkpoints...")
         c_paths = [c_files[k] for k in ("collapsed_early", "collapsed") if k in c_files]
         collapsed = inspect_checkpoints(c_paths, probe=c_files["collapsed_probe"])
-        say("diagnosing the fixed run...")
+        say("diagnosing the fixed run's checkpoint...")
         healthy = inspect_checkpoints([h_files["healthy"]], probe=h_files["healthy_probe"])
     finally:
         torch.set_num_threads(threads)
     order = ("collapsed", "healthy", "collapsed_probe", "healthy_probe", "collapsed_early")
     files = {**c_files, **h_files}
     return DemoResult(collapsed=collapsed, healthy=healthy, collapsed_stats=c_stats,
-                      healthy_stats=h_stats, checkpoints={k: files[k] for k in order if k in files})
+                      healthy_stats=h_stats, checkpoints={k: files[k] for k in order if k in files},
+                      collapsed_run=collapsed_run, healthy_run=healthy_run, run_dirs=run_dirs)
 
 
-__all__ = ["DemoConfig", "DemoResult", "EMAQuantizer", "TinyVQClassifier", "make_data",
-           "perplexity", "run_demo", "train_run"]
+__all__ = ["DemoConfig", "DemoResult", "EMAQuantizer", "PanelFactory", "TinyVQClassifier",
+           "make_data", "perplexity", "run_demo", "train_run"]

@@ -41,3 +41,18 @@ def test_compiled_model_trains_and_records(tmp_path, what):
         assert q[name].notna().any(), name
     run = df[df.quantizer == ""]
     assert run["grad_norm_encoder"].notna().any() and run["loss"].notna().all()
+
+
+def test_compiled_after_the_watch_started(tmp_path):
+    """torch.compile called inside the watch: the hooks were registered before dynamo saw the model."""
+    from tests.watch.watch_models import BrokenSTQuantizer
+
+    torch._dynamo.reset()
+    model = QuantAE(BrokenSTQuantizer(beta=0.25), name="quantize", unpack=lambda o: (o[0], o[1]))
+    with vqdoctor.watch(model, tmp_path / "run", flush_every=10, stats_every=5) as doctor:
+        compiled = torch.compile(model, backend="aot_eager")
+        train(compiled, make_data(20), doctor=doctor)
+    df = vqdoctor.load_run(tmp_path / "run")
+    q = df[df.quantizer == "quantize"]
+    assert sorted(q["step"]) == list(range(20))
+    assert q["perplexity"].notna().all() and q["st_grad_ratio"].notna().sum() == 4

@@ -1,4 +1,5 @@
-"""`vqdoctor gate TARGET`: a CI gate over a run directory or checkpoint(s).
+"""`vqdoctor gate TARGET` / `vqdoctor gate -- CMD`: a CI gate over a run directory, checkpoint(s),
+or a training command run watched first (`vqdoctor.watch.launcher.run_watched`).
 
 Exit 0 when every check passes, 1 when one fails, 2 when the target could not be analysed
 (never 1). Thresholds: command line > `[tool.vqdoctor.gate]` in ./pyproject.toml > defaults.
@@ -18,6 +19,7 @@ from vqdoctor.cli.inspect import TRUST_WARNING
 from vqdoctor.cli.options import FailOn, OutputOption
 from vqdoctor.cli.output import (
     err_console,
+    info,
     out_console,
     report_width,
     summary,
@@ -25,7 +27,7 @@ from vqdoctor.cli.output import (
     use_color,
     write_report,
 )
-from vqdoctor.errors import ConfigError, VQDoctorError
+from vqdoctor.errors import ConfigError, InputError, VQDoctorError
 
 if TYPE_CHECKING:
     from vqdoctor.gate import GateResult, GateThresholds
@@ -86,12 +88,42 @@ def append_step_summary(markdown: str) -> None:
                       f"{e.strerror or e}")
 
 
+def split_targets(ctx: typer.Context, positionals: list[Path]) -> tuple[list[Path], list[str] | None]:
+    """(targets, the command after `--` or None), from the raw command line."""
+    from vqdoctor.cli.watch import RAW_ARGS
+
+    raw = ctx.meta.get(RAW_ARGS)
+    if raw is None or "--" not in raw:
+        return positionals, None
+    command = list(raw[raw.index("--") + 1:])
+    keep = max(0, len(positionals) - len(command))
+    return positionals[:keep], command
+
+
+def watched_run(command: list[str], run_dir: Path | None, probe: Path | None,
+                rules: dict[str, dict[str, Any]] | None, kwargs: dict[str, Any]) -> Path:
+    """Run the training watched (panel on stderr); its run directory. Records the command and
+    its exit status in `kwargs` for the gate's `training` check."""
+    from vqdoctor.watch.launcher import run_watched
+
+    if not command:
+        raise InputError("no command after --", hint="vqdoctor gate -- python train.py")
+    if probe is not None:
+        raise InputError("--probe applies to checkpoints; a watched run records usage itself")
+    run = run_watched(command, run_dir, console=err_console(), thresholds=rules)
+    info(f"vqdoctor: run recorded in {run.run_dir}", style="dim")
+    kwargs.update(command=list(run.command), exit_code=run.exit_code)
+    return run.run_dir
+
+
 @boundary
 def gate(
-    targets: Annotated[list[Path], typer.Argument(
-        metavar="TARGET", show_default=False,
+    ctx: typer.Context,
+    targets: Annotated[list[Path] | None, typer.Argument(
+        metavar="TARGET | -- CMD ARGS...", show_default=False,
         help="A run directory (meta.json / rank*.jsonl), or checkpoint file(s) or folder(s) "
-             "(several = one run, oldest first).")],
+             "(several = one run, oldest first); or, after --, a training command to run "
+             "watched and gate.")] = None,
     probe: Annotated[Path | None, typer.Option(
         "--probe", metavar="FILE",
         help="Checkpoints: tensor file of encoder outputs, measured as a second usage source.")
@@ -126,28 +158,45 @@ def gate(
         "--trust-checkpoint",
         help="Allow full unpickling. Runs code from the file: only for files you trust.")
     ] = False,
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", metavar="DIR", file_okay=False,
+        help="With -- CMD: where to record the run (default: a new folder under "
+             "./vqdoctor-runs/).")] = None,
 ) -> None:
     """Gate CI on codebook health: fail on perplexity collapse, dead codes, and findings.
+
+    `vqdoctor gate [OPTIONS] -- CMD ARGS...` runs the training watched first (as vqdoctor watch),
+    then gates its run; a non-zero exit of the training fails the gate.
 
     Exit 0 when every check passes, 1 when one fails, 2 when the target could not be analysed.
     """
     from vqdoctor.gate import is_run_dir
     from vqdoctor.gate_formats import GATE_FORMATS, render
 
+    targets, command = split_targets(ctx, list(targets or []))
     try:
         if trust_checkpoint:
             print_warning(TRUST_WARNING)
+        if command is None and not targets:
+            raise InputError("nothing to gate: give a run directory, checkpoint file(s), or -- CMD")
+        if command is not None and targets:
+            raise InputError("give a TARGET or -- CMD, not both")
+        if command is None and run_dir is not None:
+            raise InputError("--run-dir applies to -- CMD (a training the gate runs)")
         cli = {"min_perplexity": min_perplexity, "min_usage": min_usage,
                "max_dead_fraction": max_dead_fraction, "window": window,
                "fail_on": fail_on.value if fail_on is not None else None}
         thresholds, rules = resolve(cli)
-        if window is not None and not any(is_run_dir(t) for t in targets):
+        if window is not None and command is None and not any(is_run_dir(t) for t in targets):
             raise ConfigError("--window applies to run directories; a checkpoint has no steps "
                               "(drop --window, or gate the run directory)")
         err = err_console()
         kwargs: dict[str, Any] = {"probe": probe, "quantizers": quantizer or None,
                                   "trust_checkpoint": trust_checkpoint, "rule_thresholds": rules}
-        if err.is_terminal:
+        if command is not None:
+            targets = [watched_run(command, run_dir, probe, rules, kwargs)]
+            result = run_gate(targets, thresholds, **kwargs)
+        elif err.is_terminal:
             with err.status("gating ..."):
                 result = run_gate(targets, thresholds, **kwargs)
         else:
@@ -173,4 +222,5 @@ def gate(
         raise typer.Exit(code)
 
 
-__all__ = ["GateFormatChoice", "append_step_summary", "gate", "resolve", "run_gate"]
+__all__ = ["GateFormatChoice", "append_step_summary", "gate", "resolve", "run_gate", "split_targets",
+           "watched_run"]

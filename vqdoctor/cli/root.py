@@ -11,7 +11,9 @@ from vqdoctor import __version__
 from vqdoctor.cli import demo as demo_cmd
 from vqdoctor.cli import gate as gate_cmd
 from vqdoctor.cli import inspect as inspect_cmd
+from vqdoctor.cli import report as report_cmd
 from vqdoctor.cli import rules as rules_cmd
+from vqdoctor.cli import watch as watch_cmd
 from vqdoctor.cli.boundary import EXIT_ERROR, boundary, internal_error, set_debug
 from vqdoctor.cli.output import out_console
 
@@ -50,7 +52,10 @@ def root(
 # from its own module, when they exist.
 app.command("demo")(demo_cmd.demo)
 app.command("inspect")(inspect_cmd.inspect)
-app.command("gate")(gate_cmd.gate)
+app.command("watch", cls=watch_cmd.RawArgsCommand,
+            context_settings=watch_cmd.WATCH_CONTEXT)(watch_cmd.watch)
+app.command("report")(report_cmd.report)
+app.command("gate", cls=watch_cmd.RawArgsCommand)(gate_cmd.gate)
 app.command("rules")(rules_cmd.rules)
 
 

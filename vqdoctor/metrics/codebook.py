@@ -127,17 +127,38 @@ def count_metrics(counts: torch.Tensor, reset_value: float | None = None) -> dic
     return {k: m for k, v in acc.items() if (m := _mean(v)) is not None}
 
 
+def usage_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per-code weight for the reference norm: min(N_i, n/K) per head (non-finite -> 0).
+
+    A code counts fully once it is used at its uniform share n/K, and in proportion below it.
+    So untouched rows whose counts merely decay from their initial value (lucidrains starts
+    them at 1) weigh a fraction of a used code each, and a code that took most inputs in a
+    collapse weighs no more than any other used code. With uniform usage this is the plain
+    median over codes.
+
+    Args:
+        counts: `[H, K]` EMA counts.
+
+    Returns:
+        float64 `[H, K]` weights.
+    """
+    c = torch.nan_to_num(counts.detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    share = c.sum(-1, keepdim=True) / max(int(c.shape[-1]), 1)
+    return torch.minimum(c, share)
+
+
 def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None) -> dict[str, float]:
     """Norm, spacing, redundancy and rank metrics of an `[H, K, D]` codebook.
 
     Args:
         cb: the codebook.
         cosine: compare l2-normalised rows (spacing, duplicates, rank).
-        usage: `[H, K]` EMA counts, when known: the reference norm is then the count-weighted
-            median, i.e. the norm of the code a typical input is assigned to, so that codes the
+        usage: `[H, K]` EMA counts, when known: the reference norm is then the median over
+            codes weighted by usage up to the uniform share (`usage_weights`), so that codes the
             data do not use (decayed to ~0, blown up by zero-initialised counts, or still at a
             tiny initial scale while a few used codes have moved to the data) cannot shift the
-            scale everything is judged by, however many of them there are.
+            scale everything is judged by, however many of them there are, and neither can
+            one code that took most inputs in a collapse (it sits at the data mean, often ~0).
     """
     out: dict[str, float] = {}
     H, K, D = cb.shape
@@ -160,7 +181,7 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
         ref_w = None
         if usage is not None and usage.shape == row_ok.shape:
             keep_w = row_ok & (all_norms > 0)
-            ref_w = F.weighted_median(all_norms[keep_w], usage[keep_w])
+            ref_w = F.weighted_median(all_norms[keep_w], usage_weights(usage)[keep_w])
         if ref_w is not None:
             ref = ref_w
         else:

@@ -25,9 +25,10 @@ BLOCK_ELEMENTS = 2 ** 24
 # temporaries stay cache-sized, where 8192-row (16 MiB) float64 blocks of a 65536 x 256 table
 # ran ~6x slower (each fresh block is page-faulted in, and every pass streams from RAM).
 STREAM_ELEMENTS = 2 ** 18
-# Distances per block of `_pairwise_stats` (2**20 float32 = 4 MiB): on 4096 x 256 codes
-# 2**18..2**20 ran equally fast, 2**22 ~25% slower (the block leaves cache).
-PAIR_BLOCK_ELEMENTS = 2 ** 20
+# Distances per block of `_pairwise_stats` (2**18 float32 = 1 MiB): on 4096 x 256 codes
+# 2**18..2**20 ran equally fast and 2**22 ~25% slower; the smallest leaves the least freed-but-
+# retained heap behind (peak RSS is taken later, once the EMA buffers are mapped in too).
+PAIR_BLOCK_ELEMENTS = 2 ** 18
 # A float32 row norm below this may have lost digits to underflow (an element under ~1e-19
 # squares below float32's normal range); such rows, and rows whose float32 sum of squares
 # overflowed (|e| above ~1e19), are recomputed in float64 by `row_norms`.

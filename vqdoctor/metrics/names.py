@@ -27,7 +27,7 @@ CODEBOOK = {
                          "with no code below it)",
     # geometry
     "code_norm_median": "median L2 norm of code vectors (finite, non-zero rows; exact-zero rows are counted by zero_rows); "
-                        "weighted by EMA count when counts are stored: the norm of the code a typical input is assigned to",
+                        "with EMA counts, each code weighted by min(count, n/K): the scale of the codes in use",
     "code_norm_min": "smallest code norm",
     "code_norm_max": "largest code norm",
     "blowup_rows": "rows with norm > blowup_factor (100) x code_norm_median (all heads pooled)",

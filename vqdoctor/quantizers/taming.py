@@ -14,7 +14,13 @@ from __future__ import annotations
 import re
 
 from vqdoctor.checkpoint.base import TensorSource
-from vqdoctor.quantizers._common import flag_inconsistent, group_prefixes, join, mismatched, unclaimed
+from vqdoctor.quantizers._common import (
+    flag_inconsistent,
+    group_prefixes,
+    join,
+    mismatched,
+    unclaimed,
+)
 from vqdoctor.quantizers._tables import build, is_token_table, looks_quantizer, parent, shape, under
 from vqdoctor.quantizers.base import QuantizerState
 

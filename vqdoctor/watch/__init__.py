@@ -49,15 +49,21 @@ from vqdoctor.watch.store import (
 DEFAULT_ROOT = "vqdoctor-runs"
 
 COMPILE_NOTES = """\
-Under torch.compile (whole model or the quantizer alone) the watch records every signal it
+Under torch.compile (the whole model, or the quantizer alone) the watch records every signal it
 records in eager mode: usage counts, perplexity, windowed usage, cadence statistics (scale,
-quantization error, non-finite counts, EMA drift, eval mutations) and the straight-through
-gradients, because its hooks run eagerly: dynamo graph-breaks around them. The costs: one
-graph break per quantizer (compiled code runs before and after it), and the encoder/decoder
-split of gradient norms falls back to module registration order (the one-time trace of the
-first forward is skipped so the compiled graphs are not recompiled for it). A model compiled
-*after* the watch started with dynamo not yet imported is traced with the hooks inlined; they
-detect that (`torch.compiler.is_compiling()`) and record nothing for it."""
+nearest-code geometry, quantization error, non-finite counts, EMA drift, eval mutations), the
+straight-through gradients and the gradient norms, also when the model is compiled after the
+watch started. Its hooks run eagerly: they are wrapped in torch._dynamo.disable, so dynamo
+graph-breaks around each quantizer call (compiled code runs before and after it); for a
+quantizer compiled on its own the hooks sit on the OptimizedModule, outside its graph. Costs: one graph break per quantizer call, and the
+encoder/decoder split of gradient norms falls back to module registration order (the one-time
+trace of the first forward is skipped so the compiled graphs are not recompiled for it).
+Checked with inductor and aot_eager on CPU (vector-quantize-pytorch VectorQuantize with
+dead-code replacement off, diffusers VectorQuantizer). vector-quantize-pytorch with dead-code
+replacement on fails to compile under inductor without vqdoctor too ("Node view was invalid,
+but is output", in its replace path). Should a hook ever be traced anyway (a torch build
+without torch._dynamo.disable), it detects that (torch.compiler.is_compiling()) and does
+nothing, so the training is unaffected."""
 
 
 @dataclass(frozen=True)

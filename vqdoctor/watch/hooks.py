@@ -46,7 +46,6 @@ on close. The model's mode, parameters, buffers, gradients and RNG streams are n
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -88,15 +87,16 @@ _SAFE_PROJ = (nn.Linear, nn.LayerNorm, nn.Identity, nn.Sequential)
 
 
 def _dynamo_disable(fn: Callable) -> Callable:
-    """`torch._dynamo.disable(fn)` when dynamo is loaded (a compiled model graph-breaks around the
-    hook and runs it eagerly); otherwise `fn` itself, so plain eager training does not pay the
-    dynamo import."""
-    if "torch._dynamo" in sys.modules:
-        try:
-            return sys.modules["torch._dynamo"].disable(fn)
-        except Exception:  # pragma: no cover - very old torch
-            return fn
-    return fn
+    """`torch._dynamo.disable(fn)`: a compiled model graph-breaks around the hook and runs it
+    eagerly, also when the model is compiled after the watch started. Importing dynamo costs a
+    second or two once per process (nothing when vector-quantize-pytorch or diffusers already
+    imported it), which a training run can afford."""
+    try:
+        import torch._dynamo
+
+        return torch._dynamo.disable(fn)
+    except Exception:  # pragma: no cover - a torch build without dynamo
+        return fn
 
 
 def _is_compiling() -> bool:
@@ -407,9 +407,10 @@ class _QProbe:
         if qt is not None:
             vals[NF_OUT] = qt.numel() - torch.isfinite(qt.detach()).sum(dtype=torch.float32)
         cb = self.q.codebook()
+        counts = self.q.counts()
         if cb is not None:
             cbd = cb.detach()
-            code_med = torch.linalg.vector_norm(cbd.float().reshape(-1, cbd.shape[-1]), dim=-1).median()
+            code_med = _code_norm_median(cbd, None if counts is None else counts.detach())
             vals[CODE_NORM] = code_med
             if zs is not None and zs.shape[-1] == cbd.shape[-1]:
                 geo = self._geometry(zs, cbd.float())
@@ -430,7 +431,6 @@ class _QProbe:
             total = sum(b.numel() for b in bufs)
             finite = torch.stack([torch.isfinite(b.detach()).sum(dtype=torch.float32) for b in bufs]).sum()
             vals[NF_BUF] = total - finite
-        counts = self.q.counts()
         if counts is not None:
             vals[COUNT_SUM] = counts.detach().sum(dtype=torch.float32)
         row = rec.arena.stats[self.i][rec.slot]
@@ -545,6 +545,41 @@ class _QProbe:
             m = v.numel() // FP_BLOCKS
             blocks = v[: m * FP_BLOCKS].view(FP_BLOCKS, m).sum(1) if m else torch.zeros(FP_BLOCKS, device=v.device)
             rec.arena.fp[self.i].copy_(torch.cat([rows, blocks]).to(rec.device))
+
+
+def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Lower weighted median on the device, without a host read (NaN when no weight is positive).
+
+    The smallest v_i with sum_{v_j <= v_i} w_j >= sum_j w_j / 2, as
+    `metrics.functional.weighted_median`; equal weights give the lower median (`torch.median`).
+    Entries with a non-finite value or weight, or a weight <= 0, take no part.
+    """
+    v = values.reshape(-1).to(torch.float64)
+    w = weights.reshape(-1).to(torch.float64)
+    w = torch.where(torch.isfinite(v) & torch.isfinite(w) & (w > 0), w, torch.zeros_like(w))
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    order = torch.argsort(v)
+    cum = torch.cumsum(w.index_select(0, order), 0)
+    total = cum[-1:]
+    i = torch.searchsorted(cum, total / 2).clamp_(max=v.numel() - 1)
+    med = v.index_select(0, order.index_select(0, i)).reshape(())
+    return torch.where(total.reshape(()) > 0, med, torch.full_like(med, float("nan"))).to(torch.float32)
+
+
+def _code_norm_median(cb: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    """`code_norm_median` as the checkpoint metrics define it, computed on the device.
+
+    Finite, non-zero rows; with EMA counts each code weighs min(N_i, n/K) of its head (the scale
+    of the codes in use, `metrics.codebook.usage_weights`), else all weigh the same.
+    """
+    norms = torch.linalg.vector_norm(cb.float(), dim=-1)                 # [H, K]
+    ok = torch.isfinite(norms) & (norms > 0)
+    if counts is not None and counts.shape == norms.shape:
+        c = torch.nan_to_num(counts.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+        w = torch.minimum(c, c.sum(-1, keepdim=True) / max(int(c.shape[-1]), 1))
+    else:
+        w = torch.ones_like(norms, dtype=torch.float64)
+    return _weighted_median(norms, torch.where(ok, w, torch.zeros_like(w)))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -376,10 +376,12 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
 
     report = None
     note = None
-    if any(stream_paths(rd)):
-        from vqdoctor.watch.report import report_run
+    if stream_paths(rd):
+        report = wp.current_report()  # the panel's final diagnosis, when it saw every record
+        if report is None:
+            from vqdoctor.watch.report import report_run
 
-        report = report_run(rd, thresholds)
+            report = report_run(rd, thresholds)
     else:
         note = NOTHING_RECORDED
     return WatchedRun(exit_code=exit_code, run_dir=rd, report=report, status=status,

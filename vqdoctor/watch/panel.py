@@ -145,6 +145,18 @@ class RunTail:
                 new.append((rank, rec))
         return new
 
+    def state(self, *, on_disk: bool = False) -> tuple:
+        """(meta.json mtime, bytes per rank): what was read, or what is on disk now."""
+        if not on_disk:
+            return (self._meta_mtime, tuple(sorted((r, n) for r, n in self._pos.items() if n)))
+        try:
+            mtime: float | None = (self.run_dir / "meta.json").stat().st_mtime_ns
+            sizes = tuple(sorted((r, n) for r, p in stream_paths(self.run_dir).items()
+                                 if (n := p.stat().st_size)))
+        except OSError:
+            return (None, ())
+        return (mtime, sizes)
+
     def _poll_meta(self) -> None:
         try:
             mtime = (self.run_dir / "meta.json").stat().st_mtime_ns
@@ -194,8 +206,9 @@ class WatchPanel:
 
     Args:
         run_dir: the run directory.
-        rules_every: seconds between two runs of the rules (stretched to 5x the time the last
-            run took, so a long run never spends its time diagnosing).
+        rules_every: seconds between two runs of the rules, stretched to 10x the time the last
+            run took, so a long run never spends more than a tenth of its time diagnosing (0:
+            at every refresh that brought new records, unstretched).
         thresholds: rule threshold overrides, as for `vqdoctor.report`.
     """
 
@@ -211,6 +224,8 @@ class WatchPanel:
         self.loss: float | None = None
         self.alerts: dict[tuple[str, str | None], PanelAlert] = {}
         self.errors: list[str] = []
+        self.last_report: Any = None
+        self._report_state: tuple | None = None
         self._rules_at = 0.0
         self._rules_cost = 0.0
         self._dirty = False
@@ -272,7 +287,8 @@ class WatchPanel:
         for q in self.tail.meta.get("quantizers") or []:
             if isinstance(q, dict) and "name" in q:
                 self.infos.setdefault(str(q["name"]), q)
-        due = time.monotonic() - self._rules_at >= max(self.rules_every, 5 * self._rules_cost)
+        stretch = 10 * self._rules_cost if self.rules_every > 0 else 0.0
+        due = time.monotonic() - self._rules_at >= max(self.rules_every, stretch)
         if rules or (rules is None and self._dirty and due):
             return self._run_rules()
         return []
@@ -294,6 +310,8 @@ class WatchPanel:
             return []
         finally:
             self._rules_cost = time.perf_counter() - t0
+        self.last_report = report
+        self._report_state = self.tail.state()
         raised: list[PanelAlert] = []
         for f in report.findings:
             if f.severity not in ("error", "warning"):
@@ -308,6 +326,13 @@ class WatchPanel:
             if old is None:
                 raised.append(alert)
         return raised
+
+    def current_report(self) -> Any:
+        """The report of the last rules run when nothing was written since (else None): the
+        launcher's final report without diagnosing the same records twice."""
+        if self.last_report is None or self._report_state is None:
+            return None
+        return self.last_report if self.tail.state(on_disk=True) == self._report_state else None
 
     def sorted_alerts(self) -> list[PanelAlert]:
         """Alerts by the step they first held (run-wide ones without a step last)."""
@@ -585,7 +610,7 @@ def open_display(panel: WatchPanel, *, mode: str = "auto", console: Console | No
 def follow_run(run_dir: str | os.PathLike[str], *, mode: str = "auto", console: Console | None = None,
                poll: float = 0.5, every: float = 5.0, stop: Callable[[], bool] | None = None,
                thresholds: dict[str, dict[str, Any]] | None = None, title: str | None = None,
-               wait_for_start: float | None = None) -> WatchPanel:
+               wait_for_start: float | None = None, rules_every: float = 3.0) -> WatchPanel:
     """Show the panel over a run until its meta.json says finished/failed (or `stop()` is True).
 
     Args:
@@ -598,11 +623,12 @@ def follow_run(run_dir: str | os.PathLike[str], *, mode: str = "auto", console: 
         thresholds: rule threshold overrides.
         title: shown in the header.
         wait_for_start: give up after this many seconds when nothing was ever recorded.
+        rules_every: seconds between two runs of the rules (alerts).
 
     Returns:
         The panel state at the end (alerts, latest values).
     """
-    panel = WatchPanel(run_dir, thresholds=thresholds)
+    panel = WatchPanel(run_dir, thresholds=thresholds, rules_every=rules_every)
     t0 = time.monotonic()
     with open_display(panel, mode=mode, console=console, title=title, every=every) as display:
         while True:

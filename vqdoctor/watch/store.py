@@ -255,6 +255,8 @@ def _parse_lines(text: str) -> list[dict[str, Any]]:
 def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """meta.json of a run directory, or {} when absent or unreadable (streams suffice)."""
     p = Path(run_dir) / META
+    if not p.is_file():
+        return {}
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -267,7 +269,8 @@ def stream_paths(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
     out: dict[int, Path] = {}
     for p in Path(run_dir).glob("rank*.jsonl"):
         tail = p.stem[4:]
-        if tail.isdigit():
+        # regular files only: a device or FIFO under that name could be read forever
+        if tail.isdigit() and p.is_file():
             out[int(tail)] = p
     return dict(sorted(out.items()))
 

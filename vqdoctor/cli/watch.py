@@ -1,0 +1,252 @@
+"""`vqdoctor watch [OPTIONS] -- CMD ARGS...` and `vqdoctor watch RUN_DIR`.
+
+With a command: run it unmodified with vqdoctor's hooks attached in its Python processes
+(`vqdoctor.watch.launcher`), show the live panel while it runs, then print the ranked report.
+The exit code is the command's own when it failed; otherwise 1 when the report has a finding at
+or above `--fail-on` (default `never`: the command's exit code is passed through), 2 when
+vqdoctor itself could not work.
+
+With a run directory: show the live panel over a run recorded elsewhere (the Python API, another
+process) until it finishes (or Ctrl-C), then print its report.
+
+Options go before the command or run directory (everything after the first positional argument
+belongs to the command), so `vqdoctor watch python train.py --lr 3e-4` works; `--` makes it
+explicit.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+
+from vqdoctor.cli.boundary import EXIT_ERROR, EXIT_OK, boundary, print_warning, report_exit_code
+from vqdoctor.cli.inspect import thresholds_from
+from vqdoctor.cli.options import FailOn, FailOnOption, FormatOption, OutputOption, ReportFormat
+from vqdoctor.cli.output import (
+    err_console,
+    info,
+    out_console,
+    report_width,
+    summary,
+    to_stdout,
+    use_color,
+    write_report,
+)
+from vqdoctor.errors import InputError
+
+if TYPE_CHECKING:
+    from vqdoctor.report.model import Report
+
+RAW_ARGS = "vqdoctor.raw_args"
+WATCH_CONTEXT = {"allow_interspersed_args": False}
+
+
+class RawArgsCommand(TyperCommand):
+    """A Typer command that keeps its raw arguments in `ctx.meta` (to see whether `--` was given)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta[RAW_ARGS] = list(args)
+        return super().parse_args(ctx, self._run_dir_last(args))
+
+    def _run_dir_last(self, args: list[str]) -> list[str]:
+        """`watch RUN_DIR --format json`: options after a run directory are options too (a
+        command's options are not: everything after a command belongs to it)."""
+        takes_value = {o for p in self.params if getattr(p, "opts", None) and not getattr(p, "is_flag", False)
+                       and p.param_type_name == "option" for o in p.opts}
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                return args
+            if a.startswith("-"):
+                i += 2 if a in takes_value else 1
+                continue
+            if Path(a).is_dir() and not any(x == "--" for x in args[i + 1:]):
+                return [*args[:i], *args[i + 1:], a]
+            return args
+        return args
+
+
+def split_command(ctx: typer.Context, positionals: list[str]) -> tuple[list[str], list[str] | None]:
+    """(arguments before `--`, the command after it or None) from the raw command line."""
+    raw = ctx.meta.get(RAW_ARGS)
+    if raw is None or "--" not in raw:
+        return positionals, None
+    after = raw[raw.index("--") + 1:]
+    n = len(after)
+    if n <= len(positionals) and positionals[len(positionals) - n:] == after:
+        return positionals[: len(positionals) - n], after
+    return positionals, None
+
+
+def render_and_exit_code(report: Report, fmt: ReportFormat, output: Path | None, fail_on: str) -> int:
+    """Print the report (stdout or --output), the summary line on stderr; its exit code."""
+    from vqdoctor.report.formats import render
+
+    out = out_console()
+    text = render(report, fmt.value, width=report_width(out) if to_stdout(output) else None,
+                  color=to_stdout(output) and use_color(out))
+    write_report(text, output)
+    if report.errors:
+        n = len(report.errors)
+        print_warning(f"{n} check{'s' * (n != 1)} failed; the analysis is incomplete")
+    terminal = to_stdout(output) and fmt is ReportFormat.text and out.is_terminal
+    if not terminal:
+        summary(report.summary_line(), report.verdict)
+    return report_exit_code(report, fail_on) if fail_on != "never" else EXIT_OK
+
+
+def _panel_mode(no_panel: bool) -> str:
+    return "lines" if no_panel else "auto"
+
+
+@boundary
+def watch(
+    ctx: typer.Context,
+    args: Annotated[list[str] | None, typer.Argument(
+        metavar="[RUN_DIR | -- CMD ARGS...]", show_default=False,
+        help="A training command to run watched (after --), or a run directory to follow.")
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", metavar="DIR", file_okay=False,
+        help="Where to record the run (default: a new folder under ./vqdoctor-runs/).")] = None,
+    flush_every: Annotated[int, typer.Option(
+        "--flush-every", metavar="N", min=1,
+        help="Steps between two copies of the statistics to the host (and to disk).")] = 50,
+    stats_every: Annotated[int, typer.Option(
+        "--stats-every", metavar="N", min=1,
+        help="Steps between two cadence statistics (scale, drift, gradients).")] = 10,
+    window: Annotated[int | None, typer.Option(
+        "--window", metavar="N", min=1,
+        help="Steps of the windowed usage metrics (default: automatic).")] = None,
+    fmt: FormatOption = ReportFormat.text,
+    output: OutputOption = None,
+    fail_on: FailOnOption = FailOn.never,
+    no_panel: Annotated[bool, typer.Option(
+        "--no-panel", help="Plain status lines on stderr instead of the live panel.")] = False,
+    threshold: Annotated[list[str] | None, typer.Option(
+        "--threshold", metavar="RULE.NAME=VALUE",
+        help="Override a rule threshold (repeatable), as in inspect.")] = None,
+) -> None:
+    """Run a training command watched (live panel, ranked report), or follow a run directory.
+
+    Exit: the command's own code when it fails; else 1 when a finding is at or above --fail-on
+    (default never), 0 otherwise; 2 when vqdoctor could not work.
+    """
+    before, command = split_command(ctx, list(args or []))
+    thresholds = thresholds_from(threshold or []) or None
+    if command is not None:
+        if before:
+            raise InputError(f"unexpected argument(s) before --: {' '.join(before)}",
+                             hint="vqdoctor watch [OPTIONS] -- CMD ARGS...")
+        if not command:
+            raise InputError("no command after --", hint="vqdoctor watch -- python train.py")
+        code = watch_command(command, run_dir=run_dir, flush_every=flush_every,
+                             stats_every=stats_every, window=window, fmt=fmt, output=output,
+                             fail_on=fail_on.value, panel=_panel_mode(no_panel),
+                             thresholds=thresholds)
+    else:
+        if not before:
+            raise InputError("nothing to watch",
+                             hint="vqdoctor watch -- python train.py, or vqdoctor watch RUN_DIR")
+        first = Path(before[0])
+        if len(before) == 1 and first.is_dir():
+            if run_dir is not None:
+                raise InputError("--run-dir applies to a command; RUN_DIR is already given")
+            code = watch_run_dir(first, fmt=fmt, output=output, fail_on=fail_on.value,
+                                 panel=_panel_mode(no_panel), thresholds=thresholds)
+        elif len(before) == 1 and not first.exists() and shutil.which(before[0]) is None:
+            raise InputError("no such run directory or command", path=before[0],
+                             hint="a command goes after --: vqdoctor watch -- CMD ARGS...")
+        elif first.is_dir():
+            raise InputError("options go before RUN_DIR", path=before[0],
+                             hint="vqdoctor watch [OPTIONS] RUN_DIR")
+        else:
+            code = watch_command(before, run_dir=run_dir, flush_every=flush_every,
+                                 stats_every=stats_every, window=window, fmt=fmt, output=output,
+                                 fail_on=fail_on.value, panel=_panel_mode(no_panel),
+                                 thresholds=thresholds)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
+
+
+def watch_command(command: list[str], *, run_dir: Path | None, flush_every: int, stats_every: int,
+                  window: int | None, fmt: ReportFormat, output: Path | None, fail_on: str,
+                  panel: str, thresholds: dict[str, dict[str, Any]] | None) -> int:
+    """Run the command watched, print its report; the exit code (see the module docstring)."""
+    from vqdoctor.watch.launcher import run_watched
+
+    run = run_watched(command, run_dir, flush_every=flush_every, stats_every=stats_every,
+                      window=window, panel=panel, console=err_console(), thresholds=thresholds)
+    info(f"vqdoctor: run recorded in {run.run_dir}", style="dim")
+    if run.exit_code != 0:
+        print_warning(f"the command exited with status {run.exit_code}")
+    if run.report is None:
+        print_warning(run.note or "nothing was recorded")
+        if run.exit_code != 0:
+            return run.exit_code
+        return EXIT_OK if fail_on == "never" else EXIT_ERROR
+    code = render_and_exit_code(run.report, fmt, output, fail_on)
+    return run.exit_code if run.exit_code != 0 else code
+
+
+def watch_run_dir(run_dir: Path, *, fmt: ReportFormat, output: Path | None, fail_on: str,
+                  panel: str, thresholds: dict[str, dict[str, Any]] | None) -> int:
+    """Follow a run recorded elsewhere until it ends (or Ctrl-C), then print its report."""
+    from vqdoctor.watch.panel import follow_run
+    from vqdoctor.watch.report import report_run
+    from vqdoctor.watch.store import load_records
+
+    load_records(run_dir)  # a missing directory, or one that holds no run: one line, exit 2
+    try:
+        follow_run(run_dir, mode=panel, console=err_console(), thresholds=thresholds,
+                   title=str(run_dir), stop=_writer_gone(run_dir))
+    except KeyboardInterrupt:
+        info("vqdoctor: stopped following; the report covers the records so far", style="dim")
+    report = report_run(run_dir, thresholds)
+    return render_and_exit_code(report, fmt, output, fail_on)
+
+
+def _writer_gone(run_dir: Path, quiet_s: float = 60.0) -> Any:
+    """A `stop` test for a run whose meta still says "running": true once nothing was appended
+    for `quiet_s` seconds and no process that started a session is alive on this machine."""
+    import os
+    import time
+
+    from vqdoctor.watch.store import load_records, stream_paths
+
+    state = {"size": -1, "since": time.monotonic()}
+
+    def gone() -> bool:
+        try:
+            size = sum(p.stat().st_size for p in stream_paths(run_dir).values())
+        except OSError:
+            return False
+        now = time.monotonic()
+        if size != state["size"]:
+            state["size"], state["since"] = size, now
+            return False
+        if now - state["since"] < quiet_s:
+            return False
+        _, streams = load_records(run_dir)
+        pids = [r.get("pid") for recs in streams.values() for r in recs[:1] if r.get("t") == "start"]
+        for pid in pids:
+            if isinstance(pid, int):
+                try:
+                    os.kill(pid, 0)
+                    return False
+                except PermissionError:
+                    return False
+                except OSError:
+                    continue
+        return True
+
+    return gone
+
+
+__all__ = ["RAW_ARGS", "WATCH_CONTEXT", "RawArgsCommand", "render_and_exit_code", "split_command",
+           "watch", "watch_command", "watch_run_dir"]
