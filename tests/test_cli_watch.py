@@ -91,7 +91,8 @@ def test_report_formats_and_output_file(runner, recorded, tmp_path):
 
 @pytest.mark.parametrize("cmd", ["report", "watch"])
 @pytest.mark.parametrize("kind", ["missing", "empty", "file"])
-def test_bad_run_dir_is_one_line_exit_2(runner, tmp_path, cmd, kind):
+def test_bad_run_dir_is_one_line_exit_2(runner, tmp_path, monkeypatch, cmd, kind):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "x"
     if kind == "empty":
         path.mkdir()
@@ -102,6 +103,7 @@ def test_bad_run_dir_is_one_line_exit_2(runner, tmp_path, cmd, kind):
     line = one_error_line(res)
     assert str(path) in line
     assert res.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["x"] if kind != "missing" else [])
 
 
 def test_report_of_a_run_that_recorded_nothing_is_exit_2(runner, tmp_path):
@@ -191,6 +193,11 @@ def test_watch_command_bad_input(runner, tmp_path, recorded):
     assert res.exit_code == 2 and "already holds a run" in one_error_line(res)
     res = invoke(runner, "watch", "--run-dir", tmp_path / "r", "--", "no-such-command-vqd")
     assert res.exit_code == 2 and "command not found: no-such-command-vqd" in one_error_line(res)
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    res = invoke(runner, "watch", "--run-dir", tmp_path / "r", "--", script)
+    assert res.exit_code == 2 and "not an executable" in one_error_line(res)
+    assert not (tmp_path / "r").exists()  # nothing is created for a command that cannot start
     res = invoke(runner, "watch", "no-such-run-or-command")
     assert res.exit_code == 2 and "no such run directory or command" in one_error_line(res)
 

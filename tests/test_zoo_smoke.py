@@ -61,7 +61,7 @@ def test_judge_reads_the_first_error_or_warning_as_the_diagnosis() -> None:
 def test_summary_counts_false_alarms_and_accuracy() -> None:
     def res(name, expect, tops):
         modes = {m: run.judge({"findings": [] if t == "healthy" else [
-            {"id": t, "severity": "error", "step": 5, "message": ""}]}, expect, 0) for m, t in zip(run.MODES, tops)}
+            {"id": t, "severity": "error", "step": 5, "message": ""}]}, expect, 0) for m, t in zip(run.MODES, tops, strict=True)}
         return {"name": name, "expect": expect, "library": "x", "K": 8, "D": 2, "rc": 0, "seconds": 1.0,
                 "modes": modes}
     table = run.summarise([res("h", "healthy", ["healthy", "dead-codes", "healthy"]),

@@ -34,7 +34,8 @@ Definitions (per mode):
   of its own).
 
 Targets (issue 4): watch top-1 >= 95%, inspect with probe >= 85%, inspect alone >= 70%,
-zero false alarms, first alert <= 20 steps after onset. Raw results go to DIR/results.json.
+zero false alarms, first alert <= 20 steps after onset. Raw results go to DIR/results.json
+(merged by scenario name with earlier runs into the same DIR; `--tables-only` prints them all).
 """
 
 from __future__ import annotations
@@ -244,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(one, paths))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    saved = {}  # results.json keeps every scenario ever run into DIR; this run's replace theirs
+    if (out / "results.json").exists():
+        saved = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    saved.update({r["name"]: r for r in results})
+    (out / "results.json").write_text(json.dumps(sorted(saved.values(), key=lambda r: r["name"]), indent=1))
     table = summarise(results, use_watch)
     print(table)
     if args.markdown:

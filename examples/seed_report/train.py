@@ -5,10 +5,13 @@ The story (SPEC.md): a classifier with a 128-d encoder feeding a 128-d VQ-EMA la
 in training mode during evaluation. The person saw perplexity 1-2 in the first batch, the loss
 climbing to 1e13, accuracy at chance and ~280-300 codes with tiny non-zero counts.
 
-    python examples/seed_report/train.py --out runs/exact                   # the story's settings, correct VQ-EMA
-    python examples/seed_report/train.py --bug zero-counts --out runs/bug   # + counts that start at zero
-    python examples/seed_report/train.py --bug zero-counts --fixed --out runs/fixed
-    vqdoctor inspect runs/bug/early.pt runs/bug/final.pt --probe runs/bug/probe.pt
+    python examples/seed_report/train.py --out runs/exact               # the story's settings, correct VQ-EMA
+    python examples/seed_report/train.py --bug zero-counts --layernorm --out runs/story   # the story
+    vqdoctor watch -- python examples/seed_report/train.py --bug zero-counts --layernorm --out runs/story
+    vqdoctor inspect runs/story/early.pt runs/story/final.pt --probe runs/story/probe.pt
+    python examples/seed_report/train.py --bug zero-counts --layernorm --fixed --out runs/fixed
+
+What reproduces and what does not, with numbers across seeds: README.md next to this file.
 
 Model: 32-d inputs (10 classes, 3 Gaussian modes each, standardised with the training set's
 statistics) -> MLP encoder to 128-d (optionally ending in a LayerNorm) -> VQ-EMA (K = 512 codes of
@@ -16,9 +19,9 @@ dimension 128, decay 0.99, Laplace smoothing eps 1e-5, k-means++ init on the enc
 four training batches) -> MLP head -> 10 logits. Loss: cross-entropy + commitment weight * MSE(z,
 sg(q)), the weight ramped linearly from 0 to 0.01 over the first 5 epochs (the "loss warm-up").
 Adam (lr 1e-3), gradient-norm clipping 1.0, batch 512 (one code per example), 30 epochs of 20
-steps. Before training and after every epoch the held-out set is evaluated under
-`torch.no_grad()` with `model.eval()`, then the VQ is put back into training mode, as in the story:
-so evaluation batches also update the EMA statistics.
+steps. Before training (the chance baseline) and after every epoch the held-out set is evaluated
+under `torch.no_grad()` with `model.eval()`, then the VQ is put back into training mode, as in the
+story: so evaluation batches also update the EMA statistics.
 
 Bugs (`--bug NAME`, repeatable; each is one or two lines in the code, marked BUG):
   zero-counts    the k-means++ init writes the codebook (`embed`, `embed_avg`) but leaves the EMA
@@ -30,10 +33,11 @@ Bugs (`--bug NAME`, repeatable; each is one or two lines in the code, marked BUG
                  batches flow into the EMA through the train-mode VQ
   kmeans-scale   the k-means++ init runs on encoder outputs of un-standardised inputs (the raw
                  dataset), a different scale from every later encoder output
-`--fixed` applies the fix: counts initialised from the k-means cluster sizes (consistent with
-`embed_avg`), dead codes re-seeded from the current batch, and the VQ put in eval mode during
-evaluation. `--fixed` with `--bug` keeps the bug's data/encoder parts (eval-shift, kmeans-scale)
-but fixes the quantizer.
+`--fixed` applies vqdoctor's fixes: counts initialised from the k-means cluster sizes (consistent
+with `embed_avg`), the VQ left in eval mode during evaluation, and codes whose count falls below
+half the expected count n/K re-seeded from the current batch, statistics reset with them
+(`--no-replace` leaves the re-seeding out). With `--bug` it removes the quantizer bugs
+(zero-counts, no-smoothing, fp16-ema) and keeps the data bugs (eval-shift, kmeans-scale).
 
 Files written to `--out`: `early.pt` (after epoch 1) and `final.pt` (`{"model": state_dict,
 "epoch": N}`; the quantizer's buffers are `vq.embed` [K, D], `vq.cluster_size` [K],
@@ -225,7 +229,7 @@ def main() -> None:
     history: list[dict] = []
     acc, vloss, vppl = evaluate()  # epoch 0: the chance baseline
     print(f"epoch  0  eval acc {acc:.3f}  eval loss {vloss:.3g}  eval ppl {vppl:.1f}")
-    step, t0, first_ppl, max_loss = 0, time.perf_counter(), None, 0.0
+    step, t0, first_ppl, all_losses = 0, time.perf_counter(), None, []
     for epoch in range(1, a.epochs + 1):
         perm = torch.randperm(x_tr.shape[0], generator=gen)
         losses, ppls = [], []
@@ -246,9 +250,9 @@ def main() -> None:
         acc, vloss, vppl = evaluate()
         with torch.no_grad():
             z_norm = float(model.encoder(x_tr[:batch]).norm(dim=1).median())
-        counts = model.vq.cluster_size.float()
-        max_loss = max(max_loss, max(losses))
-        row = {"epoch": epoch, "step": step, "loss": sum(losses) / len(losses), "loss_max": max(losses),
+        all_losses += losses
+        row = {"epoch": epoch, "step": step, "loss": sum(losses) / len(losses),
+               "loss_max": float(torch.tensor(losses).max()),  # NaN-propagating, unlike max()
                "ppl": ppls[-1], "eval_acc": acc, "eval_loss": vloss, "eval_ppl": vppl,
                "z_norm": z_norm, "code_norm_max": float(model.vq.embed.float().norm(dim=1).max())}
         history.append(row)
@@ -266,7 +270,7 @@ def main() -> None:
         "bugs": list(a.bug), "fixed": a.fixed, "replace": a.fixed and not a.no_replace,
         "layernorm": a.layernorm, "seed": a.seed,
         "first_batch_ppl": first_ppl, "final_ppl": history[-1]["ppl"],
-        "final_eval_acc": history[-1]["eval_acc"], "max_loss": max_loss,
+        "final_eval_acc": history[-1]["eval_acc"], "max_loss": float(torch.tensor(all_losses).max()),
         "counts_zero": int((counts == 0).sum()),
         "counts_tiny": int(((counts > 0) & (counts < 0.01 * expected)).sum()),
         "max_code_norm": history[-1]["code_norm_max"], "seconds": time.perf_counter() - t0,

@@ -78,17 +78,12 @@ elif name == "non-finite":  # inf in the inputs from step 80; the script then ex
         x[0, 0, 0] = float("inf")
 elif name == "no-encoder-gradient":  # no z + (q - z).detach(), no commitment term
     model = QuantAE(BrokenSTQuantizer(beta=0.0), name="quantize", unpack=lambda o: (o[0], o[1]))
-elif name == "frozen-codebook":  # a gradient-trained codebook left out of the optimizer
-    model = QuantAE(diffusers_vq(), layout="bdhw", unpack=unpack_diffusers)
-    with torch.no_grad():
-        model.quantizer.embedding.weight.normal_(0, 0.5)
-    extra["opt"] = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters()], 3e-3)
+elif name == "frozen-codebook":  # encodec's RVQ with EMA decay 1.0: the codebooks never move
+    model = QuantAE(encodec_rvq(num_quantizers=2, dim=16, codebook_size=32, decay=1.0,
+                                threshold_ema_dead_code=0), layout="bdn")
 elif name == "loss-divergence":  # SGD at lr 5; the script then raises
     model = healthy_lucid()
     extra.update(lr=5.0, sgd=True)
-elif name == "ema-zero-counts":  # encodec RVQ without k-means: zero EMA counts, no debiasing
-    model = QuantAE(encodec_rvq(num_quantizers=2, dim=16, codebook_size=256, kmeans_init=False,
-                                threshold_ema_dead_code=0), layout="bdn")
 else:
     raise SystemExit(f"unknown scenario {name}")
 

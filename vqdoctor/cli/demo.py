@@ -92,7 +92,8 @@ def panel_factory(err: Console) -> Callable[[str, Path], Any]:
         from vqdoctor.watch.panel import WatchPanel, open_display
 
         wp = WatchPanel(run_dir, rules_every=2.0)
-        display = open_display(wp, mode="auto", console=err, title=f"the {name} run", every=2.0)
+        title = {"collapsed": "the collapsing run", "healthy": "the fixed run"}.get(name, name)
+        display = open_display(wp, mode="auto", console=err, title=title, every=2.0)
         try:
             yield display.update
         finally:

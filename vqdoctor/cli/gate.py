@@ -120,7 +120,7 @@ def watched_run(command: list[str], run_dir: Path | None, probe: Path | None,
 def gate(
     ctx: typer.Context,
     targets: Annotated[list[Path] | None, typer.Argument(
-        metavar="TARGET | -- CMD ARGS...", show_default=False,
+        metavar="TARGET | -- CMD ARGS", show_default=False,
         help="A run directory (meta.json / rank*.jsonl), or checkpoint file(s) or folder(s) "
              "(several = one run, oldest first); or, after --, a training command to run "
              "watched and gate.")] = None,
@@ -165,8 +165,7 @@ def gate(
 ) -> None:
     """Gate CI on codebook health: fail on perplexity collapse, dead codes, and findings.
 
-    `vqdoctor gate [OPTIONS] -- CMD ARGS...` runs the training watched first (as vqdoctor watch),
-    then gates its run; a non-zero exit of the training fails the gate.
+    With -- CMD ARGS, the training runs watched first (as in vqdoctor watch) and its run is gated; a non-zero exit of the training fails the gate.
 
     Exit 0 when every check passes, 1 when one fails, 2 when the target could not be analysed.
     """

@@ -108,7 +108,7 @@ def _panel_mode(no_panel: bool) -> str:
 def watch(
     ctx: typer.Context,
     args: Annotated[list[str] | None, typer.Argument(
-        metavar="[RUN_DIR | -- CMD ARGS...]", show_default=False,
+        metavar="RUN_DIR | -- CMD ARGS", show_default=False,
         help="A training command to run watched (after --), or a run directory to follow.")
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(
@@ -134,8 +134,7 @@ def watch(
 ) -> None:
     """Run a training command watched (live panel, ranked report), or follow a run directory.
 
-    Exit: the command's own code when it fails; else 1 when a finding is at or above --fail-on
-    (default never), 0 otherwise; 2 when vqdoctor could not work.
+    Exit: the command's own code when it fails; else 1 when a finding is at or above --fail-on (default never), 0 otherwise; 2 when vqdoctor could not work.
     """
     before, command = split_command(ctx, list(args or []))
     thresholds = thresholds_from(threshold or []) or None
@@ -162,6 +161,10 @@ def watch(
         elif len(before) == 1 and not first.exists() and shutil.which(before[0]) is None:
             raise InputError("no such run directory or command", path=before[0],
                              hint="a command goes after --: vqdoctor watch -- CMD ARGS...")
+        elif len(before) == 1 and first.is_file() and shutil.which(before[0]) is None:
+            raise InputError("not a run directory (a file)", path=before[0],
+                             hint="pass the folder that holds meta.json and rank*.jsonl, or a "
+                                  "command after --: vqdoctor watch -- python SCRIPT")
         elif first.is_dir():
             raise InputError("options go before RUN_DIR", path=before[0],
                              hint="vqdoctor watch [OPTIONS] RUN_DIR")

@@ -21,14 +21,15 @@ SAMPLE_SEED = 0
 # (2**24 float32 = 64 MiB).
 BLOCK_ELEMENTS = 2 ** 24
 # Elements per block of the streaming passes over a whole table (float64 EMA residuals, norm
-# recomputes, Gram accumulation): 2**18 float64 = 2 MiB
-# temporaries stay cache-sized, where 8192-row (16 MiB) float64 blocks of a 65536 x 256 table
-# ran ~6x slower (each fresh block is page-faulted in, and every pass streams from RAM).
-STREAM_ELEMENTS = 2 ** 18
-# Distances per block of `_pairwise_stats` (2**18 float32 = 1 MiB): on 4096 x 256 codes
-# 2**18..2**20 ran equally fast and 2**22 ~25% slower; the smallest leaves the least freed-but-
-# retained heap behind (peak RSS is taken later, once the EMA buffers are mapped in too).
-PAIR_BLOCK_ELEMENTS = 2 ** 18
+# recomputes, Gram accumulation): 2**19 float64 = 4 MiB temporaries. 8192-row (16 MiB) float64
+# blocks of a 65536 x 256 table ran ~6x slower than 1024-2048-row ones (each fresh block is
+# page-faulted in and streams from RAM); much smaller blocks multiply the number of parallel
+# ops, and each one waits for both OpenMP threads, which costs most on a loaded 2-core VM.
+STREAM_ELEMENTS = 2 ** 19
+# Distances per block of `_pairwise_stats` (2**20 float32 = 4 MiB, 256 rows of 4096 codes):
+# fastest single-threaded of 2**18..2**22, and 1 MiB blocks were 2-5x slower with two threads
+# on a loaded VM (4x more parallel ops to synchronise).
+PAIR_BLOCK_ELEMENTS = 2 ** 20
 # A float32 row norm below this may have lost digits to underflow (an element under ~1e-19
 # squares below float32's normal range); such rows, and rows whose float32 sum of squares
 # overflowed (|e| above ~1e19), are recomputed in float64 by `row_norms`.
@@ -265,13 +266,14 @@ def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Ten
     step = max(1, STREAM_ELEMENTS // max(d * int(nt[..., :1].numel()), 1))
     for s in range(0, k, step):
         e = embed[..., s:s + step, :].detach().to(torch.float64)
-        t = embed_avg[..., s:s + step, :].detach().to(torch.float64)
-        t.div_(nt[..., s:s + step].unsqueeze(-1))
+        m = embed_avg[..., s:s + step, :].detach().to(torch.float64)
+        n = nt[..., s:s + step].unsqueeze(-1)
         if cosine:
-            t = l2normalize(t)
-        den = torch.linalg.vector_norm(e, dim=-1)
-        num = torch.linalg.vector_norm(t.sub_(e), dim=-1)  # |t - e| = |e - t|
-        out[..., s:s + step] = (num / den).masked_fill_(num == 0, 0.0)
+            diff = l2normalize(m.div_(n)).sub_(e)  # |t - e| = |e - t|
+        else:
+            diff = torch.addcdiv(e, m, n, value=-1.0)  # e - m / n, rounded as (m / n) then e - it
+        num = torch.linalg.vector_norm(diff, dim=-1)
+        out[..., s:s + step] = (num / torch.linalg.vector_norm(e, dim=-1)).masked_fill_(num == 0, 0.0)
     return out
 
 
@@ -336,6 +338,7 @@ def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
     upper = torch.empty(pairs, dtype=torch.float32)
     chunk = max(1, PAIR_BLOCK_ELEMENTS // max(k, 1))
     block = torch.empty(min(chunk, k) * k, dtype=torch.float32)  # reused: no per-block allocation
+    inside = torch.ones(min(chunk, k), min(chunk, k), dtype=torch.bool).triu_(1)  # i < j in a block
     pos = 0
     for s in range(0, k, chunk):
         e = min(s + chunk, k)
@@ -348,7 +351,7 @@ def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
         torch.minimum(nearest[s:e], d.amin(dim=1), out=nearest[s:e])
         if e < k:  # pairs (i, j), i in the block, j after it: nearest for the j side too
             torch.minimum(nearest[e:], d[:, b:].amin(dim=0), out=nearest[e:])
-        tri = d[:, :b][torch.ones(b, b, dtype=torch.bool).triu_(1)]  # i < j inside the block
+        tri = d[:, :b][inside[:b, :b]]
         upper[pos:pos + tri.numel()] = tri
         pos += tri.numel()
         upper[pos:pos + b * (k - e)].view(b, k - e).copy_(d[:, b:])

@@ -346,6 +346,13 @@ def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False
     x = z if projected else _project(q, z)
     x = x[torch.isfinite(x).all(-1)]
     out["probe_tokens"] = float(x.shape[0])
+    if q.kind == "gumbel":
+        # Gumbel quantizers pick argmax(logits(h)) from hidden features h that are not in the
+        # codes' space: usage from the logits layer when known; no scale / distance metrics.
+        logits = q.extra.get("gumbel_logits")
+        if logits is not None and x.shape[0] and x.shape[1] == logits[0].shape[1]:
+            out.update(_usage((x @ logits[0].T + logits[1]).argmax(1), q.codebook_size))
+        return out
     h, D = q.input_heads, q.dim
     if x.shape[0] == 0 or x.shape[1] != h * D:
         return out

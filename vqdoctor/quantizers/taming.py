@@ -85,8 +85,11 @@ class TamingAdapter:
                     or not (proj[0] == bias[0] == kd[0] >= 2) or proj[2:] != (1, 1):
                 continue
             note = f"Gumbel logits come from {pw} (a 1x1 conv, {proj[1]} channels -> {kd[0]} codes)"
+            # The code is argmax(proj(h)), not the nearest `embed` row: probes need the logits layer.
+            logits = (src.get_float(pw).reshape(proj[0], proj[1]), src.get_float(pb))
             self._take(out, build(src, p, "gumbel", "taming-transformers", tab, input_dim=proj[1],
-                                  claim={"proj.weight": pw, "proj.bias": pb}, notes=[note]), used)
+                                  claim={"proj.weight": pw, "proj.bias": pb}, notes=[note],
+                                  extra={"gumbel_logits": logits}), used)
         return out
 
     def _vq2(self, src: TensorSource, used: set[str]) -> list[QuantizerState]:

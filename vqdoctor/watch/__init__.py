@@ -31,12 +31,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vqdoctor.errors import NoQuantizerError
-from vqdoctor.watch.live import LiveQuantizer, LiveSpec, register_adapter
 from vqdoctor.watch.store import (
     SCHEMA_VERSION,
     RunStore,
@@ -45,6 +42,22 @@ from vqdoctor.watch.store import (
     load_run,
     now_iso,
 )
+
+if TYPE_CHECKING:
+    from vqdoctor.watch.live import LiveQuantizer
+
+# torch and the live-module machinery load on first use: `vqdoctor report` / `watch RUN_DIR` /
+# `gate RUN_DIR` parents read stores only and should not pay for importing torch.
+_LAZY = {"LiveSpec": "vqdoctor.watch.live", "register_adapter": "vqdoctor.watch.live",
+         "LiveQuantizer": "vqdoctor.watch.live"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DEFAULT_ROOT = "vqdoctor-runs"
 
@@ -253,6 +266,8 @@ class Doctor:
         described = []
         for q in self.quantizers:
             try:
+                import torch
+
                 with torch.no_grad():
                     cb = q.codebook()
                     n = q.counts()
@@ -291,6 +306,20 @@ class Doctor:
         """
         if self._recorder is not None and not self.closed:
             self._recorder.user_step(loss)
+
+    def record_loss(self, loss: Any) -> None:
+        """Record the loss of the current step without ending it (the step clock stays as it is).
+
+        Used by the zero-code launcher, which sees the loss in `backward`; a tensor is copied on
+        the device (no synchronisation). A failure disables loss recording, once, with a warning.
+        """
+        rec = self._recorder
+        if rec is None or self.closed or rec.closed or (-1, "loss") in rec._disabled:
+            return
+        try:
+            rec._record_loss(loss)
+        except Exception as e:
+            rec.fail((-1, "loss"), e)
 
     @property
     def current_step(self) -> int:
@@ -376,6 +405,8 @@ def _live_initted(q: LiveQuantizer) -> bool | None:
         inner = getattr(inner, attr, None)
         if inner is None:
             return q.state.initted
+    import torch
+
     if isinstance(inner, torch.Tensor):
         return bool(inner.detach().flatten()[0].item() > 0)  # at close: a host read is fine here
     return q.state.initted
@@ -387,6 +418,8 @@ def _after_last_start(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _torch_version() -> str:
+    import torch
+
     return str(torch.__version__)
 
 

@@ -214,6 +214,33 @@ def finalize_meta(run_dir: str | os.PathLike[str], exit_code: int) -> str:
     return str(status)
 
 
+def _check_runnable(program: str, env: dict[str, str] | None, cwd: str | os.PathLike[str] | None) -> None:
+    """Raise InputError unless `program` names an executable (on PATH, or a path)."""
+    import shutil
+
+    if os.sep in program or (os.altsep and os.altsep in program):
+        p = Path(cwd or ".") / program
+        if not p.exists():
+            raise InputError(f"command not found: {program}")
+        if p.is_dir() or not os.access(p, os.X_OK):
+            raise InputError(f"cannot run {program}: not an executable",
+                             hint="run a script with its interpreter: vqdoctor watch -- python SCRIPT")
+        return
+    path = (env or os.environ).get("PATH")
+    if shutil.which(program, path=path) is None:
+        raise InputError(f"command not found: {program}")
+
+
+def _remove_new_run_dir(run_dir: Path, created: bool) -> None:
+    """Undo `prepare_run_dir` + meta.json after the command could not start."""
+    try:
+        (run_dir / META).unlink(missing_ok=True)
+        if created:
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
 def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -251,7 +278,7 @@ class _SignalForwarder:
             return
         try:
             self.proc.send_signal(signum)
-        except OSError:
+        except (OSError, ValueError):
             pass
 
     def restore(self) -> None:
@@ -320,19 +347,18 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
     cmd = [str(c) for c in command]
     if not cmd:
         raise InputError("no command to run", hint="vqdoctor watch -- python train.py")
-    rd = prepare_run_dir(run_dir if run_dir is not None else new_run_dir())
+    _check_runnable(cmd[0], env, cwd)  # before anything is created
+    target = Path(run_dir if run_dir is not None else new_run_dir())
+    created = not target.exists()
+    rd = prepare_run_dir(target)
     config = watch_config(rd, cmd, flush_every=flush_every, stats_every=stats_every, window=window)
     try:
         write_json_atomic(rd / META, _initial_meta(cmd, config))
-    except OSError as e:
-        raise InputError(f"cannot write meta.json: {e.strerror or e}", path=str(rd)) from None
-    try:
         proc = subprocess.Popen(cmd, env=watch_env(config, env), cwd=cwd)
-    except FileNotFoundError:
-        raise InputError(f"command not found: {cmd[0]}") from None
-    except PermissionError:
-        raise InputError(f"cannot run {cmd[0]}: permission denied") from None
     except OSError as e:
+        _remove_new_run_dir(rd, created)
+        if isinstance(e, FileNotFoundError):
+            raise InputError(f"command not found: {cmd[0]}") from None
         raise InputError(f"cannot run {cmd[0]}: {e.strerror or e}") from None
 
     forwarder = _SignalForwarder(proc).install()
@@ -376,7 +402,7 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
 
     report = None
     note = None
-    if stream_paths(rd):
+    if any(_size(p) for p in stream_paths(rd).values()):
         report = wp.current_report()  # the panel's final diagnosis, when it saw every record
         if report is None:
             from vqdoctor.watch.report import report_run
@@ -386,6 +412,13 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
         note = NOTHING_RECORDED
     return WatchedRun(exit_code=exit_code, run_dir=rd, report=report, status=status,
                       command=tuple(cmd), note=note, alerts=tuple(wp.sorted_alerts()))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 # ================================================================================ child side
@@ -405,11 +438,18 @@ def _say(message: str) -> None:
 
 def _compiling() -> bool:
     try:
-        import torch
-
-        return bool(torch.compiler.is_compiling())
+        return bool(_IS_COMPILING[0]())
     except Exception:
         return False
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+# torch.compiler.is_compiling, once torch is loaded (looked up once: the global hooks call it
+# for every module call while they are armed)
+_IS_COMPILING: list[Any] = [_not_compiling]
 
 
 def agent_boot(config: dict[str, Any]) -> None:
@@ -453,6 +493,9 @@ class _Agent:
             register_module_forward_pre_hook,
         )
 
+        compiler = getattr(torch, "compiler", None)
+        if compiler is not None and hasattr(compiler, "is_compiling"):
+            _IS_COMPILING[0] = compiler.is_compiling
         self.handles.append(register_module_forward_pre_hook(self._pre))
         try:
             self.handles.append(register_module_forward_hook(self._post, always_call=True))
@@ -578,7 +621,7 @@ class _Agent:
             names = ", ".join(q.name for q in doctor.quantizers[:4])
             more = f" (+{len(doctor.quantizers) - 4} more)" if len(doctor.quantizers) > 4 else ""
             n = len(doctor.quantizers)
-            _say(f"watching {type(root).__name__}: {n} quantizer{'s' * (n != 1)} ({names}{more})"
+            _say(f"watching {_model_name(root)}: {n} quantizer{'s' * (n != 1)} ({names}{more})"
                  f" -> {doctor.run_dir}")
 
     # ------------------------------------------------------------------ loss, exit
@@ -620,6 +663,20 @@ class _Agent:
             doc.close("failed" if self.failed else "finished")
         except Exception as e:
             self._warn("close", f"could not finish the run record ({type(e).__name__}: {e})")
+
+
+def _model_name(root: Any) -> str:
+    """The class name of the model inside wrappers: `DDP(compile(Model))` reads "Model"."""
+    wrappers = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module",
+                "DataParallel": "module", "FullyShardedDataParallel": "_fsdp_wrapped_module"}
+    names = []
+    for _ in range(8):
+        names.append(type(root).__name__)
+        inner = getattr(root, wrappers.get(names[-1], ""), None) if names[-1] in wrappers else None
+        if inner is None:
+            break
+        root = inner
+    return names[-1] if len(names) == 1 else f"{names[-1]} (in {', '.join(names[:-1])})"
 
 
 def _watched_already(module: Any) -> bool:

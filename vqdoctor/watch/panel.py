@@ -252,7 +252,8 @@ class WatchPanel:
         """Read new records; run the rules when due (or when `rules` is True).
 
         Returns:
-            Alerts raised by this refresh (new finding ids, or an earlier first step).
+            Alerts raised by this refresh (findings not alerted before; an alert seen again with
+            an earlier first step is updated in place, not raised again).
         """
         new = self.tail.poll()
         shown = min(self.tail.streams) if self.tail.streams else 0
@@ -262,8 +263,8 @@ class WatchPanel:
                 for q in rec.get("quantizers") or []:
                     if isinstance(q, dict) and "name" in q:
                         self.infos[str(q["name"])] = q
-                if rank == shown:
-                    self.latest = {}
+                if rank == shown:  # a new session in this directory: start over
+                    self.latest, self.step, self.loss, self.alerts = {}, None, None, {}
                 continue
             if rank != shown:
                 continue

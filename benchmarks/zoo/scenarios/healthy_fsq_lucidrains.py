@@ -30,6 +30,7 @@ SCENARIO = {
     "K": 4375, "D": 5, "tokens_per_step": 4096, "steps": 300,
     "launch": "python",
     "fault": "none: FSQ levels [7, 5, 5, 5, 5] behind a 64 -> 5 projection",
+    "inspect_args": ["--quantizer", "fsq", "--levels", "7,5,5,5,5"],
 }
 K, IN, BATCH, STEPS = math.prod(LEVELS), 64, 4096, 300
 

@@ -1,12 +1,17 @@
 """Healthy two-level VQ-VAE-2 (rosinality vq-vae-2-pytorch layout), top and bottom EMA codebooks.
 
 rosinality's `Quantize` is copied inline (a standalone script cannot import the test fixtures):
-`embed` is stored [dim, n_embed], EMA decay 0.99, Laplace smoothing eps 1e-5, channels-last
-input. Two fixes many forks apply make it healthy: the EMA counts start at one instead of zero
-(rosinality PR #72), and each codebook is seeded from encoder outputs of the first batch (with
-`embed_avg = embed` so `embed == embed_avg / count` holds from the start). The model is a
-miniature of rosinality's `VQVAE` (same module names) on 3x16x16 images with structure at two
-scales: top latents 4x4, bottom latents 8x8. Latent loss weight 0.25. Nothing is wrong.
+`embed` is stored [dim, n_embed], Laplace smoothing eps 1e-5, channels-last input. Three fixes
+that forks apply make it healthy: the EMA counts start at one instead of zero (rosinality PR #72),
+each codebook is seeded from encoder outputs of the first batch (`embed_avg = embed * count`, so
+`embed == embed_avg / count` holds from the start), and codes whose EMA count falls below 0.1x
+the expected count n/K are restarted from a random current input with their statistics reset
+(Jukebox-style random restarts). EMA decay 0.95. The model is a miniature of rosinality's `VQVAE`
+(same module names) on 3x16x16 images with structure at two scales: top latents 4x4 (512 tokens
+per step), bottom latents 8x8 (2048). Latent loss weight 0.25. Nothing is wrong.
+
+(Without the restarts the untrained encoder's outputs, seeded into the codebooks, span a tiny
+region, the encoder then moves and grows 5x, and the top level ends with ~20-70 of 512 codes.)
 """
 
 from __future__ import annotations
@@ -27,21 +32,22 @@ SCENARIO = {
     "family": "vqvae2",
     "K": 512, "D": 32, "tokens_per_step": 2048, "steps": 250,
     "launch": "python",
-    "fault": "none: counts start at one, codebooks seeded from data (top: 512 tokens/step, bottom: 2048)",
+    "fault": "none: counts start at one, codebooks seeded from data, restarts below 0.1 n/K (top: 512 tokens/step)",
 }
 K, D, CH, BATCH, STEPS = 512, 32, 64, 32, 250
 
 
 class Quantize(nn.Module):
-    """rosinality `Quantize`, except `cluster_size` starts at ones (the debiasing fix)."""
+    """rosinality `Quantize`, with counts starting at ones and random restarts of dead codes."""
 
-    def __init__(self, dim, n_embed, decay=0.99, eps=1e-5):
+    def __init__(self, dim, n_embed, decay=0.95, eps=1e-5, restart=0.1):
         super().__init__()
-        self.dim, self.n_embed, self.decay, self.eps = dim, n_embed, decay, eps
+        self.dim, self.n_embed, self.decay, self.eps, self.restart = dim, n_embed, decay, eps, restart
         embed = torch.randn(dim, n_embed)
         self.register_buffer("embed", embed)
         self.register_buffer("cluster_size", torch.ones(n_embed))  # upstream: torch.zeros
         self.register_buffer("embed_avg", embed.clone())
+        self.restarts = 0
 
     def forward(self, input):
         flatten = input.reshape(-1, self.dim)
@@ -60,6 +66,7 @@ class Quantize(nn.Module):
             cluster_size = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
             embed_normalized = self.embed_avg / cluster_size.unsqueeze(0)
             self.embed.data.copy_(embed_normalized)
+            self.restart_dead(flatten.detach())
         diff = (quantize.detach() - input).pow(2).mean()
         quantize = input + (quantize - input).detach()
         return quantize, diff, embed_ind
@@ -68,9 +75,20 @@ class Quantize(nn.Module):
         return F.embedding(embed_id, self.embed.transpose(0, 1))
 
     @torch.no_grad()
-    def seed(self, z):  # the data-dependent init: K encoder outputs of the first batch
+    def restart_dead(self, flatten):  # Jukebox-style: below 0.1 n/K, restart from a current input
+        threshold = self.restart * flatten.shape[0] / self.n_embed
+        dead = self.cluster_size < threshold
+        if dead.any():
+            rows = flatten[torch.randint(0, flatten.shape[0], (int(dead.sum()),))].t()
+            self.embed[:, dead] = rows
+            self.embed_avg[:, dead] = rows * threshold
+            self.cluster_size[dead] = threshold
+            self.restarts += int(dead.sum())
+
+    @torch.no_grad()
+    def seed(self, z):  # the data-dependent init: K distinct encoder outputs of the first batch
         flat = z.reshape(-1, self.dim)
-        rows = flat[torch.randint(0, flat.shape[0], (self.n_embed,))].t()
+        rows = flat[torch.randperm(flat.shape[0])[: self.n_embed]].t()
         self.embed.copy_(rows)
         self.embed_avg.copy_(rows * self.cluster_size)
 
@@ -144,13 +162,14 @@ def main() -> None:
         opt.step()
         if step % 50 == 0 or step == STEPS - 1:
             print(f"step {step:4d} loss {loss.item():.4f} perplexity top {perplexity(id_t, K):6.1f} "
-                  f"bottom {perplexity(id_b, K):6.1f}", flush=True)
+                  f"bottom {perplexity(id_b, K):6.1f} restarts so far {model.quantize_t.restarts} / "
+                  f"{model.quantize_b.restarts}", flush=True)
         if step == 20:
             torch.save(model.state_dict(), out / "early.pt")
 
     model.eval()
-    with torch.no_grad():  # probe: the inputs of both quantizers on 64 held-out images
-        x = batch(64)
+    with torch.no_grad():  # probe: the inputs of both quantizers on 128 held-out images
+        x = batch(128)
         enc_b, zt = model.encode_t(x)
         qt, _, id_t = model.quantize_t(zt)
         zb = model.quantize_conv_b(torch.cat([model.dec_t(qt.permute(0, 3, 1, 2)), enc_b], 1)).permute(0, 2, 3, 1)

@@ -58,7 +58,9 @@ class AE(nn.Module):
     def forward(self, x):
         z = self.encoder(x)
         q, vq_loss, idx = self.quantize(z)
-        return self.decoder(q), vq_loss, idx, z
+        z.retain_grad()  # only for printing the gradients at the quantizer below
+        q.retain_grad()
+        return self.decoder(q), vq_loss, idx, z, q
 
 
 def batch(centers: torch.Tensor, g: torch.Generator, n: int = 4096) -> torch.Tensor:
@@ -83,11 +85,8 @@ def main() -> None:
     enc_params = list(model.encoder.parameters())
     for step in range(SCENARIO["steps"]):
         x = batch(centers, g)
-        z = model.encoder(x)
-        z.retain_grad()
-        q, vq_loss, idx = model.quantize(z)
-        q.retain_grad()
-        recon_loss = F.mse_loss(model.decoder(q), x)
+        recon, vq_loss, idx, z, q = model(x)
+        recon_loss = F.mse_loss(recon, x)
         loss = recon_loss + vq_loss
         opt.zero_grad()
         loss.backward()

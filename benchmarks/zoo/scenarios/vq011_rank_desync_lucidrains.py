@@ -12,7 +12,6 @@ the checkpoint written by rank 0 describes only half of the data. Run with
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch

@@ -14,7 +14,10 @@ It must be cheap and must never break the program:
    registers the global hooks that find the model at its first forward (see that module).
 
 Any failure prints one line to stderr (`vqdoctor: warning: ...`) and the program runs unwatched.
+Names here start with `_` (this module takes the name `sitecustomize` in the program).
 """
+
+from __future__ import annotations
 
 import os as _os
 import sys as _sys
@@ -23,7 +26,7 @@ _ENV = "VQDOCTOR_WATCH"
 _HERE = _os.path.dirname(_os.path.realpath(__file__))
 
 
-def _vqdoctor_warn(message):
+def _vqdoctor_warn(message: str) -> None:
     try:
         _sys.stderr.write(f"vqdoctor: warning: {message}; the program runs unwatched\n")
         _sys.stderr.flush()
@@ -31,7 +34,7 @@ def _vqdoctor_warn(message):
         pass
 
 
-def _vqdoctor_chain():
+def _vqdoctor_chain() -> None:
     """Run the `sitecustomize` that this one shadows, if there is one."""
     import importlib.machinery
     import importlib.util
@@ -68,11 +71,11 @@ def _vqdoctor_chain():
 class _VQDoctorTorchFinder:
     """A `sys.meta_path` finder that fires once, when `torch` is imported, and then steps aside."""
 
-    def __init__(self, config):
+    def __init__(self, config: dict) -> None:
         self.config = config
         self.fired = False
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
         if name != "torch" or self.fired:
             return None
         self.fired = True
@@ -94,7 +97,7 @@ class _VQDoctorTorchFinder:
         original = loader.exec_module
         config = self.config
 
-        def exec_module(module):
+        def exec_module(module: object) -> None:
             original(module)
             try:
                 loader.exec_module = original
@@ -109,7 +112,7 @@ class _VQDoctorTorchFinder:
         return spec
 
 
-def _vqdoctor_torch_loaded(config):
+def _vqdoctor_torch_loaded(config: dict) -> None:
     """torch is imported: start vqdoctor's agent (never raises)."""
     try:
         try:
@@ -126,7 +129,7 @@ def _vqdoctor_torch_loaded(config):
         _vqdoctor_warn(f"could not start the watch ({type(e).__name__}: {e})")
 
 
-def _vqdoctor_boot():
+def _vqdoctor_boot() -> None:
     try:
         _vqdoctor_chain()
     except Exception:
