@@ -80,7 +80,6 @@ def inspect_checkpoints(
         metrics[s.name] = m
 
     ev = evidence_from_states(states, metrics)
-    findings, errors = diagnose(ev, thresholds)
     quantizer_reports = [QuantizerReport(info=s.describe(), metrics=metrics[s.name],
                                          histogram=usage_histogram(s), notes=list(s.notes))
                          for s in states]
@@ -88,6 +87,9 @@ def inspect_checkpoints(
     source = {"kind": "checkpoint", "paths": paths, "torch": torch.__version__,
               "safe_load": all(x.safe_load for x in sources), "format": last.format,
               "container": last.container}
+    # The rules see numbers only: let the codebook tensors (and their mapped pages) go first.
+    del states, history, sources, z_by_name, last
+    findings, errors = diagnose(ev, thresholds)
     if probe is not None:
         source["probe"] = str(probe)
     return Report(source=source, quantizers=quantizer_reports, findings=findings, errors=errors,

@@ -40,7 +40,8 @@ K, IN, RANK, BATCH, STEPS = 1024, 48, 10, 1024, 300
 class AE(nn.Module):
     def __init__(self):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(IN, 128), nn.GELU(), nn.Linear(128, 10), nn.BatchNorm1d(10, affine=False))
+        self.encoder = nn.Sequential(nn.Linear(IN, 128), nn.GELU(), nn.Linear(128, 10),
+                                     nn.BatchNorm1d(10, affine=False))
         self.lfq = LFQ(dim=10, codebook_size=K, entropy_loss_weight=0.1, diversity_gamma=1.0)
         self.decoder = nn.Sequential(nn.Linear(10, 128), nn.GELU(), nn.Linear(128, IN))
 

@@ -13,7 +13,6 @@ With only 64 codes usage is not the symptom here (~52 codes chosen). Commitment 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 

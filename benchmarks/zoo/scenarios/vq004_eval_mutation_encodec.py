@@ -83,6 +83,7 @@ def main() -> None:
     model = Codec()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     embeds = [layer._codebook.embed for layer in model.quantizer.layers]
+    train_move = 0.0
     t0 = time.time()
     for step in range(STEPS):
         if step > 0 and step % EVAL_EVERY == 0:  # THE BUG: no model.eval() around validation

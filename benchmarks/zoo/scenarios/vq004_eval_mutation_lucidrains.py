@@ -73,6 +73,7 @@ def main() -> None:
     model = Classifier()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     embed = model.vq._codebook.embed
+    train_move = 0.0
     t0 = time.time()
     for step in range(STEPS):
         if step > 0 and step % EVAL_EVERY == 0:  # THE BUG: no model.eval() around the evaluation

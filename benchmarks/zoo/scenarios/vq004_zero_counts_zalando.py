@@ -13,7 +13,6 @@ Parameters every step, so the optimizer holds stale copies: harmless here, nothi
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
