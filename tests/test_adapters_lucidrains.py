@@ -238,3 +238,19 @@ def test_fsq_state_helper():
     w = torch.randn(8, 32)
     s = fsq_state("q", [8, 6, 5, 5], (w, None), library="generic")
     assert (s.kind, s.codebook_size, s.dim, s.input_dim, s.input_heads, s.library) == ("fsq", 1200, 4, 32, 2, "generic")
+
+
+def test_reset_cluster_size_from_config_is_the_reset_value(tmp_path):
+    """lucidrains resets a replaced code's count to `reset_cluster_size` (default: the threshold);
+    a config that names it makes replaced_fraction exact, without inference."""
+    from vqdoctor.metrics.codebook import codebook_metrics
+
+    vq = vqp.VectorQuantize(dim=16, codebook_size=32, decay=0.8, threshold_ema_dead_code=2)
+    vq._codebook.reset_cluster_size = 0.5  # a codebook argument VectorQuantize does not expose
+    train(vq)
+    src = saved(vq, tmp_path, config={"vq": {"threshold_ema_dead_code": 2, "reset_cluster_size": 0.5}})
+    [s] = discover(src)
+    assert s.extra["reset_cluster_size"] == 0.5
+    expected = float((vq._codebook.cluster_size == 0.5).float().mean())
+    assert 0 < expected < 1  # below 1: never inferred without the config
+    assert codebook_metrics(s)["replaced_fraction"] == expected

@@ -323,3 +323,75 @@ def test_property_nonfinite_anywhere_never_leaks(seed):
     w = usage_weights(n)[0]
     assert got["code_norm_median"] == pytest.approx(F.weighted_median(F.row_norms(cb[0][rows]), w[rows]))
     assert 0.0 <= got["dead_fraction"] <= 1.0 and got["perplexity"] >= 1.0
+
+
+def test_replaced_fraction_with_deferred_replacement_ladder():
+    """lucidrains >= 1.32 replaces at most one code per batch vector: the codes it deferred stay
+    below the reset value, decaying by γ per step (2, 1.6, 1.28, ... at γ = 0.8)."""
+    g = torch.Generator().manual_seed(5)
+    k = 4096
+    counts = torch.rand(k, generator=g) * 0.9 + 1.0  # codes hit since their reset, off the ladder
+    ladder = torch.tensor(2.0, dtype=torch.float32)
+    rungs = []
+    for _ in range(6):
+        rungs.append(ladder.clone())
+        ladder = ladder.lerp(torch.tensor(0.0), 0.2)  # lucidrains ema_inplace: lerp towards 0
+    pos = 0
+    for share, value in zip((0.126, 0.10, 0.08, 0.06, 0.04, 0.03), rungs, strict=True):
+        n = int(share * k)
+        counts[pos:pos + n] = value
+        pos += n
+    counts[pos:pos + 200] = torch.rand(200, generator=g) * 1e-4  # deferred, far below
+    m = codebook_metrics(state(torch.randn(k, 4, generator=g), counts))
+    assert m["replaced_fraction"] == pytest.approx(int(0.126 * k) / k)
+
+
+def test_integer_bin_sizes_are_not_resets():
+    """Counts frozen at k-means bin sizes (lucidrains decay 1.0; encodec's init, times a common
+    decay factor): ties at integers, a most common bin with smaller bins below it, no ladder."""
+    g = torch.Generator().manual_seed(6)
+    bins = torch.poisson(torch.full((1024,), 8.0), generator=g).clamp_min(1.0)
+    assert codebook_metrics(state(torch.randn(1024, 4, generator=g), bins))["replaced_fraction"] == 0.0
+    decayed = (bins * 0.9 ** 7).float()  # encodec: unused codes keep bin x γ^t
+    assert codebook_metrics(state(torch.randn(1024, 4, generator=g), decayed))["replaced_fraction"] == 0.0
+    powers = torch.tensor([8.0] * 300 + [4.0] * 50 + [2.0] * 20 + [1.0] * 10 + [7.0] * 200 + [6.0] * 150)
+    assert codebook_metrics(state(torch.randn(powers.numel(), 4, generator=g), powers))["replaced_fraction"] == 0.0
+
+
+def test_duplicates_among_dead_rows_are_left_to_dead_codes():
+    """lucidrains dead rows shrinking towards the origin together (norms 0.02-0.2 against ~4 live,
+    decay 0.9) are near each other: that is dead codes, not redundancy."""
+    g = torch.Generator().manual_seed(7)
+    k, d = 512, 16
+    live = torch.randn(384, d, generator=g)
+    dead = torch.randn(128, d, generator=g) * torch.logspace(-3, -2, 128)[:, None]
+    cb = torch.cat([live, dead])
+    counts = torch.cat([torch.rand(384, generator=g) + 1.0, torch.full((128,), 1e-6)])
+    m = codebook_metrics(state(cb, counts))
+    assert m["duplicate_fraction"] == 0.0
+    # without counts the same table reads as redundant (nothing says those rows are dead)
+    assert codebook_metrics(state(cb, kind="vq"))["duplicate_fraction"] > 0.1
+    # a dead row sitting on a live one is redundancy: only one of them can win the argmin, and
+    # the counts say which one is wasted (the dead copy is counted, its live twin is not)
+    cb2 = cb.clone()
+    cb2[384:] = live[:128] + 1e-6 * torch.randn(128, d, generator=g)
+    assert codebook_metrics(state(cb2, counts))["duplicate_fraction"] == pytest.approx(128 / k)
+    assert codebook_metrics(state(cb2, kind="vq"))["duplicate_fraction"] == pytest.approx(256 / k)
+
+
+def test_no_blowup_against_a_reference_at_the_origin():
+    """Encoder output exactly 0: the only live code sits at ~0 and every other row keeps its init
+    norm; against a ~0 reference they would all read as blown up by 1e20."""
+    g = torch.Generator().manual_seed(8)
+    cb = torch.randn(256, 8, generator=g)
+    cb[0] = 1e-20
+    counts = torch.full((256,), 1e-9)
+    counts[0] = 1024.0
+    m = codebook_metrics(state(cb, counts))
+    assert "blowup_rows" not in m and "blowup_ratio" not in m
+    # a real zero-count blow-up (1e5 x) beside a live code at the data scale is still one
+    cb2 = cb.clone()
+    cb2[0] = torch.randn(8, generator=g)
+    cb2[1:] *= 1e5
+    m2 = codebook_metrics(state(cb2, counts))
+    assert m2["blowup_rows"] == 255.0

@@ -67,3 +67,22 @@ def test_rank_difference_by_hand():
     other[2] += torch.tensor([0.0, 2.0])
     assert rank_difference([st(cb), st(cb.clone()), st(other)])["rank_codebook_max_diff"] == pytest.approx(2.0)
     assert rank_difference([st(cb)]) == {}
+
+
+def test_rows_unchanged_between_checkpoints():
+    g = torch.Generator().manual_seed(4)
+    first = torch.randn(100, 8, generator=g) * 1e-3  # a tiny init scale
+    last = first.clone()
+    last[:10] += torch.randn(10, 8, generator=g)  # ten codes in use moved to the data scale
+    m = drift_metrics([st(first), st(last)])
+    assert m["rows_unchanged_fraction"] == pytest.approx(0.9)
+    assert m["moved_rows_norm_ratio"] > 100
+    assert set(m) <= set(DRIFT)
+    # every row moved (healthy) or none (frozen): no ratio, fraction 0 / 1
+    assert drift_metrics([st(first), st(first + 1e-3)])["rows_unchanged_fraction"] == 0.0
+    frozen = drift_metrics([st(first), st(first.clone())])
+    assert frozen["rows_unchanged_fraction"] == 1.0 and "moved_rows_norm_ratio" not in frozen
+    # non-finite rows are left out of both sides
+    nan_last = last.clone()
+    nan_last[50] = float("nan")
+    assert drift_metrics([st(first), st(nan_last)])["rows_unchanged_fraction"] == pytest.approx(89 / 99)

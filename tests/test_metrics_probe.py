@@ -241,3 +241,58 @@ def test_fsq_symmetric_levels_match_lucidrains():
     lv = F.fsq_level_indices(z.reshape(-1, 3), levels, preserve_symmetry=True)
     assert torch.equal(F.fsq_indices(lv, levels), idx.reshape(-1).long())
     assert probe_metrics(q, z.reshape(-1, 3))["probe_usage_fraction"] == pytest.approx(idx.unique().numel() / 24)
+
+
+def test_input_spread_separates_collapsed_from_informative_inputs():
+    g = torch.Generator().manual_seed(11)
+    cb = torch.randn(64, 8, generator=g)
+    spread = torch.randn(4096, 8, generator=g)
+    offset = 5.0 + 0.5 * torch.randn(4096, 8, generator=g)  # informative, far from the origin
+    point = torch.full((4096, 8), 0.731) + 1e-7 * torch.randn(4096, 8, generator=g)  # saturated head
+    m = {name: probe_metrics(vq_state(cb), z, projected=True)["z_spread"]
+         for name, z in (("spread", spread), ("offset", offset), ("point", point))}
+    assert m["spread"] > 0.9 and 0.05 < m["offset"] < 0.5 and m["point"] < 1e-5, m
+    # scale-free: the unit is the inputs' own norm
+    assert probe_metrics(vq_state(cb), 1e4 * spread, projected=True)["z_spread"] == pytest.approx(m["spread"])
+    # all exactly 0: no spread at all
+    assert probe_metrics(vq_state(cb), torch.zeros(100, 8), projected=True)["z_spread"] == 0.0
+    # cosine quantizers compare directions: one direction at many lengths is collapsed
+    lengths = torch.rand(4096, 1, generator=g) * 10 + 0.1
+    one_dir = lengths * F.l2normalize(torch.randn(1, 8, generator=g))
+    assert probe_metrics(vq_state(cb, metric="cosine"), one_dir, projected=True)["z_spread"] < 1e-6
+    assert probe_metrics(vq_state(cb), one_dir, projected=True)["z_spread"] > 0.3
+
+
+def test_probe_usage_expected_is_the_reachable_share():
+    from vqdoctor.metrics.probe import reachable_share
+
+    assert reachable_share(1000, 4000) == pytest.approx(1 - math.exp(-4), rel=1e-3)
+    assert reachable_share(2 ** 16, 1000) == pytest.approx(1000 / 2 ** 16, rel=0.01)
+    assert reachable_share(1, 5) == 1.0
+    g = torch.Generator().manual_seed(12)
+    cb = torch.randn(256, 4, generator=g)
+    m = probe_metrics(vq_state(cb), cb[torch.randint(0, 256, (512,), generator=g)], projected=True)
+    assert m["probe_usage_expected"] == pytest.approx(reachable_share(256, 512))
+    assert m["probe_usage_fraction"] <= m["probe_usage_expected"] + 0.05
+    assert set(m) <= set(PROBE) | set(CODEBOOK)
+
+
+def test_gumbel_usage_follows_what_gumbel_softmax_picks():
+    """taming GumbelQuantize picks argmax(gumbel_softmax(logits, hard=True)) in eval as well: a
+    draw from softmax(logits), not its argmax. Logits that favour code 0 only slightly still use
+    every code; peaked logits use the codes they point at."""
+    g = torch.Generator().manual_seed(13)
+    K, hid = 16, 8
+    h = torch.randn(4096, hid, generator=g)
+    w, b = torch.zeros(K, hid), torch.zeros(K)
+    b[0] = 0.5  # code 0 is every input's argmax, but holds only ~1/10 of the probability mass
+    st = QuantizerState("quantize", "gumbel", "taming-transformers", K, 4, codebook=torch.randn(1, K, 4),
+                        input_dim=hid, extra={"gumbel_logits": (w, b)})
+    m = probe_metrics(st, h, projected=True)
+    assert m["probe_usage_fraction"] == 1.0 and m["probe_perplexity"] > 14
+    assert m == probe_metrics(st, h, projected=True)  # seeded: repeatable
+    peaked = torch.zeros(K, hid)
+    peaked[:4] = 50 * torch.eye(4, hid)  # inputs pick one of 4 codes, near-deterministically
+    st.extra["gumbel_logits"] = (peaked, torch.zeros(K))
+    m = probe_metrics(st, h.abs(), projected=True)
+    assert m["probe_usage_fraction"] == pytest.approx(4 / K) and "scale_ratio" not in m

@@ -166,3 +166,26 @@ def test_healthy_checkpoint_has_no_findings():
         e, n, m = ema_step(e, z, counts=n, sums=m)
     findings, errors = diagnose(checkpoint(measured(state(e, counts=n, sums=m), probe=z[:4096])))
     assert (findings, errors) == ([], [])
+
+
+def test_evidence_can_widen_the_graph_for_one_finding():
+    """index-collapse whose inputs have no spread declares it explains the dead codes beside it:
+    it becomes their cause (and can no longer be caused by them); without that evidence the
+    static graph (dead-codes -> index-collapse) holds."""
+    collapsed = dataclasses.replace(f("index-collapse"), evidence={"z_spread": 1e-9, "explains": ["dead-codes"]})
+    assert chain(rank([f("dead-codes"), collapsed], RULES)) == [("index-collapse", None),
+                                                                ("dead-codes", "index-collapse")]
+    assert chain(rank([f("dead-codes"), f("index-collapse")], RULES)) == [("dead-codes", None),
+                                                                          ("index-collapse", "dead-codes")]
+    # other mechanisms keep their place: a frozen codebook still explains both
+    assert chain(rank([f("dead-codes"), collapsed, f("frozen-codebook")], RULES))[0] == ("frozen-codebook", None)
+    # only on its own quantizer: dead codes of another quantizer are not explained by it
+    other = f("dead-codes", "other")
+    assert ("dead-codes", None) in chain(rank([other, collapsed], RULES))
+
+
+def test_nonfinite_leads_independent_roots():
+    """A NaN codebook makes its counts and replacements meaningless: as an independent root of the
+    same severity, non-finite comes before replacement-churn and scale-mismatch."""
+    found = [f("replacement-churn"), f("non-finite"), f("scale-mismatch", "other")]
+    assert [x.id for x in rank(found, RULES)][0] == "non-finite"

@@ -66,3 +66,21 @@ def test_judge_in_run_and_checkpoint_mode():
     assert S.judge(ckpt_q, "dead_fraction", lambda v: v >= 0.5) == S.Hit(None, 0.6, 0.6)
     assert S.judge(ckpt_q, "perplexity", lambda v: v >= 0) is None
     assert S.latest(run_q, "dead_fraction") == 0.65 and S.latest(ckpt_q, "dead_fraction") == 0.6
+
+
+def test_episodes_and_a_transient_that_ended():
+    m = mask([0, 1, 1, 1, 1, 0, 0, 1, 0], steps=[0, 10, 20, 30, 40, 50, 60, 70, 80])
+    eps = S.episodes(m, 2)
+    assert [(e.start, e.end, e.rows, e.ended, e.steps) for e in eps] == [(10, 40, 4, 50, 40)]
+    assert S.transient(m, 2, 40) == eps[0]
+    assert S.transient(m, 2, 41) is None  # not long enough
+    assert S.transient(mask([0, 1, 1, 1]), 2, 0) is None  # still holding: `onset` applies
+
+
+def test_damage_at_end_reads_dead_codes_or_collapse():
+    dead = qev(series=frame(dead_fraction=[0.1, 0.9]), K=512)
+    assert S.damage_at_end(dead) == {"dead_fraction_end": 0.9}
+    collapsed = qev(series=frame(perplexity=[300.0] + [3.0] * 10, tokens=[1024.0] * 11), K=512)
+    assert S.damage_at_end(collapsed)["perplexity_fraction_end"] == 3.0 / 512
+    healthy = qev(series=frame(dead_fraction=[0.9, 0.05], perplexity=[3.0, 300.0], tokens=[1024.0] * 2), K=512)
+    assert S.damage_at_end(healthy) is None

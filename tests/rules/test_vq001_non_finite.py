@@ -92,3 +92,11 @@ def test_run_loss_short_nan_gap_is_not_a_finding():
 def test_run_loss_inf_fires_anywhere():
     loss = [1.0, 2.0, math.inf, 1.0]
     assert one(RULE, run(run_series=frame(loss=loss))).step == 2
+
+
+def test_run_onset_is_the_earlier_of_tensors_and_loss():
+    # tensors are scanned every 10 steps, the loss every step
+    q = qev(series=frame(range(0, 100, 10), nonfinite_buffers=[0.0] * 6 + [64.0] * 4))
+    loss = frame(range(100), loss=[1.0] * 53 + [float("nan")] * 47)
+    f = one(RULE, run(q, run_series=loss))
+    assert f.step == 53 and f.evidence["nonfinite_buffers_first_step"] == 60

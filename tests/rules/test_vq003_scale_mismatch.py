@@ -104,5 +104,38 @@ def test_run_cosine_input_norm_growth_lucidrains_26():
     f = one(RULE, run(qev(series=frame(z_norm_median=z), metric="cosine")))
     assert f.severity == "error"
     first = int(np.argmax(np.asarray(z) / 22.0 >= 10.0))
-    assert f.step == first
+    # dated where the growth began; the step that crossed 10x is in the evidence
+    assert f.step == 0 and f.evidence["z_growth_warn_step"] == first
     assert np.isclose(f.evidence["z_growth"], 20000.0 / 22.0)
+
+
+def test_run_drift_that_healed_but_left_dead_codes_is_reported_at_its_onset():
+    # the SPEC story's exact settings: the encoder outgrows the k-means codebook for a few hundred
+    # steps (ratio 1 -> 19 -> 150 -> 1.7), and the codes it skipped meanwhile stay dead
+    steps = list(range(0, 600, 10))
+    ratio = [1.0] * 3 + [19.0] * 5 + [150.0] * 30 + [1.7] * 22
+    perp = [200.0] * 3 + [5.0] * 35 + [20.0] * 22
+    dead = [0.0] * 3 + [0.5] * 35 + [0.9] * 22
+    q = qev(series=frame(steps, scale_ratio=ratio, perplexity=perp, tokens=[512.0] * 60, dead_fraction=dead), K=K)
+    f = one(RULE, run(q))
+    assert (f.severity, f.step, f.confidence) == ("error", 30, 0.9)
+    assert f.evidence["scale_ratio_worst"] == 150.0 and f.evidence["mismatch_ended_step"] == 380
+    assert f.evidence["dead_fraction_end"] == 0.9 and f.evidence["scale_ratio"] == 1.7
+    assert "dead" in f.message
+
+
+def test_run_drift_that_healed_without_damage_is_a_note():
+    steps = list(range(0, 600, 10))
+    ratio = [1.0] * 3 + [150.0] * 30 + [1.0] * 27
+    perp = [200.0] * 3 + [5.0] * 30 + [250.0] * 27
+    q = qev(series=frame(steps, scale_ratio=ratio, perplexity=perp, tokens=[512.0] * 60,
+                         dead_fraction=[0.0] * 60), K=K)
+    f = one(RULE, run(q))
+    assert (f.severity, f.step) == ("info", 30)
+
+
+def test_checkpoint_ratio_needs_no_frame():
+    # the probe path judges plain floats (no pandas frame is built for one row)
+    q = qev({"scale_ratio": 250.0, "probe_perplexity": 2.0, "probe_tokens": 4096.0}, kind="vq", K=K)
+    f = one(RULE, checkpoint(q))
+    assert (f.severity, f.confidence, f.step) == ("error", 0.9, None)

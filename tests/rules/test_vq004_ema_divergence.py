@@ -109,3 +109,48 @@ def test_several_sub_causes_in_one_finding_worst_first():
     f = one(RULE, checkpoint(q))
     assert f.severity == "error"
     assert f.evidence["sub_causes"] == ["blowup", "lowp"]
+
+
+def test_run_blowup_with_counts_warming_up_from_zero_is_an_error():
+    # the SPEC story: counts at 0.049 x the tokens at step 0, 0.97 later; blown-up rows meanwhile
+    steps = list(range(0, 300, 10))
+    ratio = list(1 - 0.99 ** (np.arange(30) * 10 + 5))
+    q = qev(series=frame(steps, ema_count_sum_to_tokens=ratio, blowup_ratio=[500.0] * 30, blowup_rows=[250.0] * 30))
+    f = one(RULE, run(q))
+    assert (f.severity, f.step) == ("error", 0)
+    assert f.evidence["ema_count_sum_to_tokens_first"] < 0.05
+    assert "zero-initialised counts" in f.message
+
+
+def test_run_blowup_that_faded_while_codes_stay_dead():
+    steps = list(range(0, 150, 10))
+    q = qev(series=frame(steps, blowup_ratio=[2855.0, 261.0, 129.0] + [80.0, 40.0] + [10.0] * 10,
+                         blowup_rows=[3218.0, 1606.0, 34.0] + [0.0] * 12, dead_fraction=[0.99] * 15), K=4096)
+    f = one(RULE, run(q))
+    assert (f.severity, f.step) == ("error", 0)
+    assert f.evidence["blowup_ratio"] == 2855.0 and f.evidence["blowup_last_step"] == 20
+
+
+def test_eval_passes_that_move_the_codebook_like_training_are_a_note():
+    steps = list(range(0, 200, 5))
+    mut = [0.0] * 39 + [4.0]
+    tr = [0.01] * 40
+    same = qev(series=frame(steps, eval_mutation=mut, codebook_forward_rms_change=tr,
+                            eval_codebook_rms_change=[np.nan] * 39 + [0.012]))
+    f = one(RULE, run(same))
+    assert f.severity == "info" and np.isclose(f.evidence["eval_move_to_train_move"], 1.2)
+    other = qev(series=frame(steps, eval_mutation=mut, codebook_forward_rms_change=tr,
+                             eval_codebook_rms_change=[np.nan] * 39 + [0.15]))
+    assert one(RULE, run(other)).severity == "warning"
+
+
+def test_excess_count_mass_during_replacement_churn_is_left_to_churn():
+    churn = qev(series=frame(ema_count_sum_to_tokens=[7.3] * 20, codes_replaced=[512.0] * 20), K=4096)
+    assert check(RULE, run(churn)) == []
+    quiet = qev(series=frame(ema_count_sum_to_tokens=[7.3] * 20, codes_replaced=[1.0] * 20), K=4096)
+    assert one(RULE, run(quiet)).evidence["sub_causes"] == ["count_mass"]
+
+
+def test_low_precision_that_already_went_non_finite_is_a_note():
+    q = qev({"ema_lowp": 1.0, "nonfinite_codebook": 12.0})
+    assert one(RULE, checkpoint(q)).severity == "info"

@@ -56,7 +56,10 @@ def test_probe_needs_enough_tokens():
     K, D = 256, 16
     cb = torch.randn(K, D, generator=g)
     few = cb[:8].repeat(100, 1)  # 800 vectors < 4 x 256
-    assert check(RULE, checkpoint(measured(state(cb, kind="vq"), probe=few))) == []
+    # too few to count dead codes: no verdict on them, only the note that usage was not measured
+    note = one(RULE, checkpoint(measured(state(cb, kind="vq"), probe=few)))
+    assert (note.severity, note.evidence["probe_tokens"], note.evidence["tokens_needed"]) == ("info", 800, 1024)
+    assert "fewer than 4 x K = 1,024" in note.message
     many = cb[:8].repeat(200, 1)  # 1600 >= 4 x 256
     f = one(RULE, checkpoint(measured(state(cb, kind="vq"), probe=many)))
     assert (f.evidence["source"], f.evidence["dead_codes"]) == ("probe_dead_fraction", 248)
@@ -105,3 +108,40 @@ def test_run_usage_window_skips_short_windows():
     f = one(RULE, run(qev(series=frame(usage_window=usage, window_tokens=tokens), K=K)))
     assert (f.step, f.evidence["source"], f.severity) == (10, "usage_window", "error")
     assert f.evidence["dead_fraction"] == 0.7
+
+
+def test_probe_dead_share_is_counted_against_the_reachable_codes():
+    # 4K uniform draws reach 98.2% of the codes: the 1.8% they miss are not dead codes
+    q = qev({"probe_dead_fraction": 0.30, "probe_usage_fraction": 0.70, "probe_usage_expected": 0.982,
+             "probe_tokens": 2048.0}, K=512)
+    f = one(RULE, checkpoint(q))
+    assert f.evidence["dead_fraction"] == 1 - 0.70 / 0.982
+    assert f.evidence["probe_usage_expected"] == 0.982
+    assert check(RULE, checkpoint(qev({"probe_dead_fraction": 0.26, "probe_usage_fraction": 0.74,
+                                       "probe_usage_expected": 0.982, "probe_tokens": 2048.0}, K=512))) == []
+
+
+def test_rows_unchanged_between_checkpoints_of_a_gradient_codebook():
+    q = qev({"codebook_size": 4096.0, "rows_unchanged_fraction": 0.966}, kind="vq", K=4096)
+    f = one(RULE, checkpoint(q))
+    assert (f.severity, f.evidence["source"], f.confidence) == ("error", "rows_unchanged_fraction", 0.7)
+    assert "never selected" in f.message
+    # EMA rows move without being selected (counts judge them); a codebook that never moved at all
+    # is frozen-codebook's
+    assert check(RULE, checkpoint(qev({"rows_unchanged_fraction": 0.9}, kind="vq-ema"))) == []
+    assert check(RULE, checkpoint(qev({"rows_unchanged_fraction": 1.0}, kind="vq"))) == []
+
+
+def test_no_usage_evidence_is_an_info_note_not_health():
+    g = gen(30)
+    cb = torch.randn(512, 8, generator=g)
+    note = one(RULE, checkpoint(measured(state(cb, kind="vq"))))
+    assert note.severity == "info" and note.message.startswith("code usage not measured")
+    assert "--probe" in note.fix and note.evidence["tokens_needed"] == 2048
+    fsq = one(RULE, checkpoint(qev({"codebook_size": 4375.0}, kind="fsq", K=4375)))
+    assert fsq.severity == "info" and "FSQ" in fsq.message
+    # any usage evidence, or a run, and the note goes
+    assert check(RULE, checkpoint(measured(state(cb, kind="vq"), probe=cb.repeat(4, 1)))) == []
+    assert check(RULE, checkpoint(qev({"codebook_size": 512.0, "rows_unchanged_fraction": 0.1}, kind="vq"))) == []
+    assert check(RULE, checkpoint(measured(state(cb, counts=torch.ones(512))))) == []
+    assert check(RULE, run(qev({"codebook_size": 512.0}, kind="vq"))) == []

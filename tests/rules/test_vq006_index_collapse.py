@@ -69,3 +69,57 @@ def test_run_collapse_onset():
     perp = [200.0] * 10 + [1.5] * 20
     f = one(RULE, run(qev(series=frame(steps, perplexity=perp, tokens=[256] * 30), K=1024)))
     assert (f.step, f.severity, f.evidence["perplexity"]) == (100, "error", 1.5)
+
+
+def test_collapsed_inputs_make_index_collapse_the_root():
+    """A saturated sigmoid head maps every input to one corner of the cube: the probe has no
+    spread, one code takes everything and the others die because one point is all the data."""
+    from vqdoctor.rules import diagnose
+
+    g = gen(5)
+    K, D = 256, 16
+    cb = torch.randn(K, D, generator=g)
+    point = (torch.rand(D, generator=g) > 0.5).float()
+    z = point + 1e-9 * torch.randn(2048, D, generator=g)
+    q = measured(state(cb, kind="vq"), probe=z)
+    f = one(RULE, checkpoint(q))
+    assert (f.severity, f.confidence) == ("error", 0.9)
+    assert f.message.startswith("encoder outputs collapsed to a point")
+    assert f.evidence["z_spread"] < 1e-6 and f.evidence["explains"] == ["dead-codes"]
+    findings, _ = diagnose(checkpoint(q))
+    assert [(x.id, x.caused_by) for x in findings if x.severity != "info"][:2] == [
+        ("index-collapse", None), ("dead-codes", "index-collapse")]
+    # spread-out inputs collapsed by the codebook: a symptom, dead codes explain it
+    spread = measured(state(cb, kind="vq"), probe=cb[:2].repeat(1024, 1) + 0.01 * torch.randn(2048, D, generator=g))
+    f = one(RULE, checkpoint(spread))
+    assert "collapsed to a point" not in f.message and "explains" not in f.evidence
+    findings, _ = diagnose(checkpoint(spread))
+    assert [(x.id, x.caused_by) for x in findings][:2] == [("dead-codes", None), ("index-collapse", "dead-codes")]
+
+
+def test_rows_unchanged_bound_the_perplexity_of_a_gradient_codebook():
+    # 4 of 512 rows moved between the checkpoints: at most 4 codes were selected
+    f = one(RULE, checkpoint(qev({"rows_unchanged_fraction": 508 / 512}, kind="vq", K=512)))
+    assert (f.severity, f.evidence["source"], f.evidence["perplexity"]) == ("error", "rows_unchanged_fraction", 4.0)
+    assert f.message.startswith("at most 4 of 512 codes selected")
+    assert check(RULE, checkpoint(qev({"rows_unchanged_fraction": 0.5}, kind="vq", K=512))) == []
+    assert check(RULE, checkpoint(qev({"rows_unchanged_fraction": 508 / 512}, kind="vq-ema", K=512))) == []
+
+
+def test_checkpoint_mode_never_imports_pandas():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from vqdoctor.quantizers.base import QuantizerState\n"
+            "from vqdoctor.metrics.codebook import codebook_metrics\n"
+            "from vqdoctor.diagnosis import evidence_from_states\n"
+            "from vqdoctor.rules import diagnose\n"
+            "c = torch.zeros(64); c[:2] = 10.0\n"
+            "s = QuantizerState('q', 'vq-ema', 'generic', 64, 4, codebook=torch.randn(1, 64, 4), cluster_size=c[None])\n"
+            "f, e = diagnose(evidence_from_states([s], {'q': codebook_metrics(s)}))\n"
+            "assert e == [] and 'index-collapse' in [x.id for x in f], (f, e)\n"
+            "print('pandas' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from rules_kit import check, checkpoint, frame, gen, one, qev, run
 
@@ -38,8 +39,9 @@ def test_healthy_straight_through_is_silent():
 
 
 def test_near_thresholds():
-    assert check(RULE, run(qev(series=frame(st_grad_ratio=[0.011] * 10)))) == []
-    f = one(RULE, run(qev(series=frame(st_grad_ratio=[0.009] * 10))))
+    space = [1.0] * 10  # input and output in the code space: the ratio is comparable
+    assert check(RULE, run(qev(series=frame(st_grad_ratio=[0.011] * 10, st_code_space=space)))) == []
+    f = one(RULE, run(qev(series=frame(st_grad_ratio=[0.009] * 10, st_code_space=space))))
     assert f.severity == "warning"
 
 
@@ -48,16 +50,64 @@ def test_short_dip_is_not_sustained():
     assert check(RULE, run(qev(series=frame(st_grad_ratio=ratio)))) == []
 
 
-def test_unrelated_gradient_direction_warns():
-    q = qev(series=frame(st_grad_ratio=[0.8] * 10, st_grad_cos=[0.03] * 10))
+def test_commitment_only_gradient_is_a_broken_path():
+    # an inline taming-style quantizer returning q: the input sees the commitment term only
+    ratio = list(np.geomspace(0.21, 0.019, 10))
+    cos = list(np.linspace(-0.91, -0.22, 10))
+    q = qev(series=frame(st_grad_ratio=ratio, st_grad_cos=cos,
+                         st_grad_passthrough=[r * c for r, c in zip(ratio, cos, strict=True)],
+                         st_grad_task_ratio=[0.0, 1e-6] * 5, st_code_space=[1.0] * 10), kind="vq")
     f = one(RULE, run(q))
-    assert (f.severity, f.evidence["st_grad_cos"]) == ("warning", 0.03)
+    assert (f.severity, f.step) == ("error", 0)
+    assert abs(f.evidence["st_grad_passthrough"]) < 0.01 and f.evidence["st_grad_cos"] == -0.22
+    assert "commitment term only" in f.message
+
+
+def test_commitment_dominated_but_intact_path_is_silent():
+    # intact straight-through with a large commitment term: cosine ~ 1/ratio, passthrough ~ 1
+    q = qev(series=frame(st_grad_ratio=[4.0] * 10, st_grad_cos=[0.26] * 10, st_grad_passthrough=[1.04] * 10,
+                         st_grad_task_ratio=[0.97] * 10, st_code_space=[1.0] * 10))
+    assert check(RULE, run(q)) == []
+
+
+def test_rotation_trick_far_from_the_codes_is_silent():
+    # lucidrains' rotation trick with inputs ~90 degrees from their codes: cosine and passthrough
+    # near 0, but the non-commitment part of the input gradient is there (measured 0.24-0.9)
+    q = qev(series=frame(st_grad_ratio=[0.25] * 10, st_grad_cos=[0.06] * 10, st_grad_passthrough=[0.014] * 10,
+                         st_grad_task_ratio=[0.24] * 10, st_code_space=[1.0] * 10))
+    assert check(RULE, run(q)) == []
+
+
+def test_projected_quantizers_are_not_compared():
+    # DAC in_proj/out_proj, lucidrains project_in, FSQ/LFQ, Gumbel, encodec's earlier RVQ stages:
+    # healthy runs read cosine ~0 with ratios 0.4-14 there
+    for ratio, cos in ((0.43, -0.007), (13.7, 0.07), (0.76, -0.002)):
+        q = qev(series=frame(st_grad_ratio=[ratio] * 10, st_grad_cos=[cos] * 10,
+                             st_grad_passthrough=[ratio * cos] * 10, st_code_space=[0.0] * 10))
+        assert check(RULE, run(q)) == []
+
+
+def test_detached_encoder_output():
+    # vq(z.detach()): the input does not require grad; the recorder writes ratio 0
+    q = qev(series=frame(st_grad_ratio=[0.0] * 10, st_grad_passthrough=[0.0] * 10,
+                         st_input_no_grad=[1.0] * 10, st_code_space=[1.0] * 10))
+    f = one(RULE, run(q, run_series=frame(grad_norm_encoder=[0.0] * 10, grad_norm_decoder=[1.0] * 10)))
+    assert (f.severity, f.quantizer) == ("error", "quantizer")
+    assert "detach" in f.message and f.evidence["st_input_no_grad"] == 1.0
 
 
 def test_run_wide_encoder_without_gradient():
     rs = frame(grad_norm_encoder=[0.0] * 10, grad_norm_decoder=[2.5] * 10)
     f = one(RULE, run(run_series=rs))
     assert (f.quantizer, f.severity, f.step) == (None, "error", 0)
+
+
+def test_saturated_encoder_with_an_intact_quantizer_is_not_a_broken_path():
+    # a saturated sigmoid head kills the encoder's gradient; the quantizer itself passes it on
+    rs = frame(grad_norm_encoder=[1e-9] * 10, grad_norm_decoder=[2.5] * 10)
+    q = qev(series=frame(st_grad_ratio=[1.0] * 10, st_grad_cos=[0.99] * 10, st_grad_passthrough=[1.0] * 10,
+                         st_code_space=[1.0] * 10))
+    assert check(RULE, run(q, run_series=rs)) == []
 
 
 def test_checkpoint_is_silent():

@@ -64,3 +64,15 @@ def test_run_duplicates_onset_net_of_zero_rows():
     f = one(RULE, run(qev(series=frame(steps, duplicate_fraction=dup, zero_row_fraction=zero))))
     assert (f.step, f.severity) == (100, "error")
     assert math.isclose(f.evidence["duplicate_fraction_net"], 0.35)
+
+
+def test_decaying_dead_rows_are_not_duplicates_when_counts_exist():
+    """lucidrains dead rows still shrinking towards the origin (norms 0.02-0.2 against ~4 live at
+    decay 0.9) sit close to each other but above the ~0 cut-off: with EMA counts they are dead
+    codes, not redundant ones."""
+    g = gen(21)
+    live = torch.randn(384, 16, generator=g)
+    dead = torch.randn(128, 16, generator=g) / 16 * torch.linspace(0.02, 0.2, 128)[:, None] / 0.25
+    counts = torch.cat([torch.rand(384, generator=g) + 1.0, torch.full((128,), 1e-7)])
+    cb = torch.cat([live, dead])
+    assert check(RULE, checkpoint(measured(state(cb, counts=counts)))) == []

@@ -35,9 +35,17 @@ ZERO_REL = 1e-3
 DUPLICATE_REL = 1e-2
 # Pairwise statistics on at most this many codes (a 4096^2 float32 distance matrix, chunked).
 PAIRWISE_MAX_CODES = 4096
+# No blow-up reference below this x the median of all non-zero rows (the codes in use at ~0);
+# the same floor as `watch` (watch.hooks.NEAR_ZERO_REF).
+NEAR_ZERO_REF = 1e-6
 # lucidrains resets replaced codes' counts to exactly `reset_cluster_size`; a shared exact value
 # counts as a reset value when at least this share of codes holds it.
 REPLACED_MIN_SHARE = 0.05
+# Deferred replacement leaves reset codes decaying below the reset value v on a ladder v γ^j: the
+# first LADDER_STEPS rungs must each be shared by two or more codes, within LADDER_TOL (relative;
+# a float32 EMA step rounds to ~1e-7, a few steps stay far below 1e-4).
+LADDER_STEPS = 3
+LADDER_TOL = 1e-4
 # Effective rank from a deterministic sample of max(RANK_MAX_CODES, RANK_ROWS_PER_DIM * D) rows:
 # a sample of n rows estimates the spectrum with relative eigenvalue spread ~sqrt(D / n)
 # (Marchenko-Pastur), so n >= 16 D keeps that under 25%. Measured on 65536-row tables, 4096
@@ -68,18 +76,47 @@ def _reset_share(c: torch.Tensor, reset_value: float | None) -> float:
             return 0.0
         values, n = torch.unique(nz, return_counts=True)
         i = int(n.argmax())
+        v = float(values[i])
         # Never-used codes of a ones-initialised EMA all hold exactly γ^t < 1, so only values >= 1
-        # are read as reset values when the library's reset value is not known. And replacement
-        # resets every code that fell below the threshold to the reset value (lucidrains: the
-        # threshold itself by default), so right after it no code is below that value: a tie
-        # above the smallest count is something else (integer k-means bin sizes that EMA decay
-        # 1.0 never moves, codes decaying in lockstep from equal starts), not a reset.
-        if (float(values[i]) < 1.0 or float(values[i]) > float(c.min())
-                or int(n[i]) < max(2, math.ceil(REPLACED_MIN_SHARE * k))):
+        # are read as reset values when the library's reset value is not known.
+        if v < 1.0 or int(n[i]) < max(2, math.ceil(REPLACED_MIN_SHARE * k)):
+            return 0.0
+        # Replacement resets every code below the threshold to the reset value (lucidrains: the
+        # threshold itself by default), so right after it no code is below that value, unless the
+        # library deferred part of the replacement (lucidrains >= 1.32 replaces at most one code
+        # per batch vector): then the codes below are reset codes that missed the last rounds,
+        # decaying by γ per step without a hit, and they sit on the ladder v γ, v γ^2, v γ^3, ...
+        # A tie above the smallest count that is neither is something else (integer k-means bin
+        # sizes that EMA decay 1.0 never moves, codes decaying in lockstep from equal starts).
+        if v > float(c.min()) and not _decay_ladder(values, n, i):
             return 0.0
         hits = int(n[i])
     # Every code equal is the initial state (lucidrains initialises counts to ones), not a reset.
     return 0.0 if hits == k else hits / k
+
+
+def _decay_ladder(values: torch.Tensor, n: torch.Tensor, i: int) -> bool:
+    """True when the tied counts just below `values[i]` = v are v γ, v γ^2, ..., v γ^LADDER_STEPS.
+
+    γ is read from the most common value below v (the codes reset one step before the last and
+    not picked again: codes hit since then sit off the ladder, at v γ + (1 - γ) hits, fewer of
+    them); each further rung must be shared by two or more codes, within LADDER_TOL (float32 EMA
+    rounding). Integer bin sizes cannot form it: the most common bin below a bin b is about b - 1,
+    and b (1 - 1/b)^2 is not an integer (nor, times a common decay factor, any other bin).
+    """
+    v = float(values[i])
+    below, nb = values[:i].to(torch.float64), n[:i]  # `unique` sorts ascending: below v
+    tied = below[nb >= 2]
+    if tied.numel() < LADDER_STEPS:
+        return False
+    g = float(below[int(nb.argmax())]) / v
+    if not 0.0 < g < 1.0:
+        return False
+    for j in range(2, LADDER_STEPS + 1):
+        rung = v * g ** j
+        if not bool(((tied - rung).abs() <= LADDER_TOL * rung).any()):
+            return False
+    return True
 
 
 def count_metrics(counts: torch.Tensor, reset_value: float | None = None) -> dict[str, float]:
@@ -159,6 +196,7 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
             tiny initial scale while a few used codes have moved to the data) cannot shift the
             scale everything is judged by, however many of them there are, and neither can
             one code that took most inputs in a collapse (it sits at the data mean, often ~0).
+            Duplicates then need a live code as the other code (`_redundancy`).
     """
     out: dict[str, float] = {}
     H, K, D = cb.shape
@@ -170,8 +208,11 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
     out["nonfinite_rows"] = float(bad_rows)
     out["nonfinite_codebook"] = float((~torch.isfinite(cb[~row_ok])).sum()) if bad_rows else 0.0
     norms = all_norms[row_ok]
+    with_usage = usage is not None and usage.shape == row_ok.shape
+    ref = 0.0
     if norms.numel():
         nz = norms[norms > 0]
+        all_med = float(nz.median()) if nz.numel() else 0.0
         # Reference scale: the count-weighted median norm when counts are known, else the median
         # of non-zero rows. With lucidrains dead-code decay most rows can sit at ~0, with
         # zero-initialised EMA counts most can be blown up ~1e5x, and early in a run without
@@ -179,23 +220,24 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
         # the data scale; in each case the median of all rows (or of rows merely above a dead
         # cut-off) is not the scale the encoder outputs are actually matched against.
         ref_w = None
-        if usage is not None and usage.shape == row_ok.shape:
+        if with_usage:
             keep_w = row_ok & (all_norms > 0)
             ref_w = F.weighted_median(all_norms[keep_w], usage_weights(usage)[keep_w])
-        if ref_w is not None:
-            ref = ref_w
-        else:
-            ref = float(nz.median()) if nz.numel() else 0.0
+        ref = ref_w if ref_w is not None else all_med
         out["code_norm_median"] = ref
         out["code_norm_min"] = float(norms.min())
         out["code_norm_max"] = float(norms.max())
-        if ref > 0:
+        # A reference far below every ordinary row means the codes in use sit at ~0 (an encoder
+        # output that is exactly 0 leaves the origin as the only live code): against it every
+        # other row would read as blown up by 1e10 or more. Zero-initialised counts inflate rows
+        # by ~decay/eps (1e3-1e5 measured), so below NEAR_ZERO_REF x the median of all non-zero
+        # rows there is no blow-up reference, and blowup_* stay unmeasured (as in `watch`).
+        if ref > 0 and ref >= NEAR_ZERO_REF * all_med:
             out["blowup_rows"] = float((norms > BLOWUP_FACTOR * ref).sum())
             out["blowup_ratio"] = float(norms.max()) / ref
-            zero = int((norms < ZERO_REL * ref).sum())
-        else:
+        elif ref <= 0:
             out["blowup_rows"] = 0.0
-            zero = int(norms.numel())
+        zero = int((norms < ZERO_REL * ref).sum()) if ref > 0 else int(norms.numel())
         out["zero_rows"] = float(zero)
         out["zero_row_fraction"] = zero / (H * K)
 
@@ -205,20 +247,19 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
     keep = row_ok.clone()
     if norms.numel() and ref > 0 and not cosine:
         keep &= (all_norms <= BLOWUP_FACTOR * ref) & (all_norms >= ZERO_REL * ref)
+    dead = F.dead_mask(usage, DEAD_REL) if with_usage else None
     dups, meds, ranks, rank_fracs = [], [], [], []
     rank_rows = max(RANK_MAX_CODES, RANK_ROWS_PER_DIM * D)
     for h in range(H):
         # Sample first, then gather: the same rows pairwise_summary / effective_rank would
         # sample from cb[h][keep[h]], without copying the kept table (64 MiB for 65536 x 256)
         # or normalising rows that are never used (row-wise, so normalising after is the same).
-        x, n = F.sample_masked_rows(cb[h], keep[h], PAIRWISE_MAX_CODES)
-        if n < 2:
+        red = _redundancy(cb[h], keep[h], None if dead is None else dead[h], cosine)
+        if red is None:
             continue
-        if cosine:
-            x = F.l2normalize(x.to(torch.float32))
-        med, dup = F.pairwise_summary(x, DUPLICATE_REL, None)
+        med, dup, (x, n) = red
         meds.append(med)
-        dups.append(float(dup.double().mean()))
+        dups.append(dup)
         xr = x
         if min(n, rank_rows) != x.shape[0]:  # D > 256: a larger sample than the pairwise one
             xr = F.sample_masked_rows(cb[h], keep[h], rank_rows)[0]
@@ -231,6 +272,34 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
         if (m := _mean(vals)) is not None:
             out[name] = m
     return out
+
+
+def _redundancy(table: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor | None, cosine: bool
+                ) -> tuple[float, float, tuple[torch.Tensor, int]] | None:
+    """(median spacing, duplicate fraction, (pairwise sample, rows it was drawn from)) of one head.
+
+    Over a deterministic sample of the kept rows: a code is a duplicate when another code lies
+    closer than DUPLICATE_REL x the median pairwise distance (or on top of it). With counts
+    (`dead`), only a *live* code counts as that other code: duplicates among dead rows (EMA rows
+    decaying towards the origin together, untouched rows of one init) are dead codes, left to
+    `dead_fraction`, while a dead row on top of a live one is redundancy (only one of them can win
+    the argmin, and the counts say which is wasted: the dead row is counted, its live twin not).
+    The spacing scale stays the median over all kept rows, as without counts: live codes spread
+    at a large scale around dead ones left at their init would otherwise set a threshold far
+    above the spacing of the table.
+    """
+    x, n = F.sample_masked_rows(table, keep, PAIRWISE_MAX_CODES)
+    if n < 2:
+        return None
+    if cosine:
+        x = F.l2normalize(x.to(torch.float32))
+    live = None
+    if dead is not None:  # the sampled rows' flags: the rows sample_masked_rows gathered, in order
+        rows = keep.nonzero().squeeze(1)
+        pick = F.sample_rows(n, PAIRWISE_MAX_CODES)
+        live = ~dead[rows if pick is None else rows[pick]]
+    med, dup = F.pairwise_summary(x, DUPLICATE_REL, None, live=live)
+    return med, float(dup.double().mean()), (x, n)
 
 
 def _ema_invariant(q: QuantizerState, dead: torch.Tensor | None) -> dict[str, float]:

@@ -24,6 +24,32 @@ def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def _rows_unchanged(first: torch.Tensor, last: torch.Tensor) -> dict[str, float]:
+    """rows_unchanged_fraction and moved_rows_norm_ratio of two same-shaped tables.
+
+    An optimizer step moves every row that has a gradient (or momentum from one), so a row of a
+    gradient-trained codebook that kept its exact bits between two checkpoints received no
+    gradient in between: it was never selected (the codebook loss reaches selected rows only).
+    The rows that did move are the codes in use; their median norm over that of the unchanged
+    rows (still where they were initialised) says how far the data sit from the init scale.
+    """
+    a, b = F.as_hkd(first.detach()), F.as_hkd(last.detach())
+    a = a.reshape(-1, a.shape[-1]).to(torch.float32).contiguous()
+    b = b.reshape(-1, b.shape[-1]).to(torch.float32).contiguous()
+    norms = F.row_norms(b)
+    ok = torch.isfinite(F.row_norms(a)) & torch.isfinite(norms)
+    if not bool(ok.any()):
+        return {}
+    same = (a.view(torch.int32) == b.view(torch.int32)).all(-1) & ok
+    out = {"rows_unchanged_fraction": float(same[ok].double().mean())}
+    moved = ok & ~same
+    if bool(same.any()) and bool(moved.any()):
+        still = float(norms[same].median())
+        if still > 0:
+            out["moved_rows_norm_ratio"] = float(norms[moved].median()) / still
+    return out
+
+
 def _dead_fraction(counts: torch.Tensor) -> float | None:
     """Head-averaged dead fraction (same definition as `codebook_metrics`)."""
     c = F.as_hk(counts.detach())
@@ -42,7 +68,10 @@ def drift_metrics(states: list[QuantizerState]) -> dict[str, float]:
     - with >= 2 codebooks of one shape: codebook_rms_change = sqrt(mean((e_last - e_first)^2)),
       codebook_rel_change = |e_last - e_first|_F / |e_first|_F (elements finite in both;
       omitted when the first table is all zero), codebook_frozen = 1 when every checkpoint's
-      codebook is bit-identical to the first.
+      codebook is bit-identical to the first, rows_unchanged_fraction = share of rows (finite in
+      both) bit-identical between the first and the last, and when some rows moved and some did
+      not, moved_rows_norm_ratio = median norm of the moved rows / that of the unchanged ones
+      (both in the last checkpoint).
     - with >= 2 count vectors of one shape: counts_frozen (bit-identical), dead_fraction_first,
       dead_fraction_delta = dead_fraction(last) - dead_fraction(first).
 
@@ -64,6 +93,7 @@ def drift_metrics(states: list[QuantizerState]) -> dict[str, float]:
             if base > 0:
                 out["codebook_rel_change"] = float(torch.linalg.vector_norm(diff)) / base
         out["codebook_frozen"] = 1.0 if all(_bit_identical(cbs[0], c) for c in cbs[1:]) else 0.0
+        out.update(_rows_unchanged(cbs[0], cbs[-1]))
     counts = [s.cluster_size for s in states if s.cluster_size is not None]
     if len(counts) >= 2 and all(c.shape == counts[0].shape for c in counts):
         out["counts_frozen"] = 1.0 if all(_bit_identical(counts[0], c) for c in counts[1:]) else 0.0

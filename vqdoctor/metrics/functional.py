@@ -235,13 +235,18 @@ def laplace_smooth(counts: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (c + eps) / (n + c.shape[-1] * eps) * n
 
 
+# Norm floors of the l2-normalisation after the EMA division in cosine codebooks (lucidrains
+# `l2norm`: F.normalize with eps 1e-6 at HEAD, torch's default 1e-12 in older releases).
+COSINE_NORM_EPS = (1e-6, 1e-12)
+
+
 def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Tensor,
                  eps: float = 1e-5, smoothed: bool = False, cosine: bool = False) -> torch.Tensor:
     """Per-row violation of the EMA invariant embed = embed_avg / smoothed(cluster_size).
 
     r_i = |e_i - t_i| / |e_i| with t_i = m_i / Ñ_i (Ñ = laplace_smooth(N, ε), or N itself when
     the stored counts are already smoothed, as in zalando), and t_i = l2norm(m_i / Ñ_i) for cosine
-    codebooks (lucidrains normalises after the division). r = 0 where e_i == t_i (also both zero),
+    codebooks (lucidrains normalises after the division, with a norm floor: `COSINE_NORM_EPS`). r = 0 where e_i == t_i (also both zero),
     +inf where e_i = 0 but t_i is not. A healthy EMA codebook gives r ≈ 0 (≤ 1e-5 with float32
     storage); a large r means edited weights, a different ε, a replaced row or a codebook that
     is not EMA-updated at all.
@@ -269,10 +274,14 @@ def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Ten
         m = embed_avg[..., s:s + step, :].detach().to(torch.float64)
         n = nt[..., s:s + step].unsqueeze(-1)
         if cosine:
-            diff = l2normalize(m.div_(n)).sub_(e)  # |t - e| = |e - t|
+            # lucidrains' l2norm is F.normalize(eps=1e-6) (1e-12 in old releases): a row whose
+            # m / Ñ is shorter than eps (a long-dead code) is stored as (m / Ñ) / eps, not unit.
+            x = m.div_(n)
+            xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            num = torch.minimum(*(torch.linalg.vector_norm(x / xn.clamp_min(c) - e, dim=-1)
+                                  for c in COSINE_NORM_EPS))
         else:
-            diff = torch.addcdiv(e, m, n, value=-1.0)  # e - m / n, rounded as (m / n) then e - it
-        num = torch.linalg.vector_norm(diff, dim=-1)
+            num = torch.linalg.vector_norm(torch.addcdiv(e, m, n, value=-1.0), dim=-1)  # e - m / n
         out[..., s:s + step] = (num / torch.linalg.vector_norm(e, dim=-1)).masked_fill_(num == 0, 0.0)
     return out
 
@@ -316,8 +325,12 @@ def sample_masked_rows(table: torch.Tensor, mask: torch.Tensor, max_rows: int | 
     return table.index_select(0, rows if pick is None else rows[pick]), int(rows.numel())
 
 
-def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _pairwise_stats(x: torch.Tensor, n_live: int | None = None) -> tuple[float, torch.Tensor]:
     """Median off-diagonal distance and each row's nearest-other distance.
+
+    With `n_live`, the first `n_live` rows are the only candidates for "nearest other" (every
+    row's nearest *live* other row; +inf when there is none); the median still covers all pairs.
+    Live rows first makes that a slice of each block, not a mask: no extra work.
 
     Rows are centred on the coordinate-wise median first: distances do not change, and the
     float32 `|a|^2 + |b|^2 - 2ab` expansion used here (as in cdist) keeps its error small
@@ -330,6 +343,7 @@ def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
     copy of it took 128 MiB.
     """
     k = x.shape[0]
+    live = k if n_live is None else max(0, min(int(n_live), k))
     x = x.to(torch.float32)
     x = x - x.median(dim=0).values
     sq = (x * x).sum(-1)
@@ -347,10 +361,13 @@ def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
         torch.addmm(sq[s:].unsqueeze(0), x[s:e], x[s:].T, alpha=-2.0, out=d)
         d.add_(sq[s:e].unsqueeze(1)).clamp_min_(0.0).sqrt_()
         d.diagonal().fill_(float("inf"))  # (r, r) is code s + r against itself
-        # amin, not min: no argmin indices (~10x faster on these blocks).
-        torch.minimum(nearest[s:e], d.amin(dim=1), out=nearest[s:e])
-        if e < k:  # pairs (i, j), i in the block, j after it: nearest for the j side too
-            torch.minimum(nearest[e:], d[:, b:].amin(dim=0), out=nearest[e:])
+        # amin, not min: no argmin indices (~10x faster on these blocks). Candidates are the
+        # live columns [s, live) for the block's rows, and the block's live rows [s, min(e, live))
+        # for the columns after it.
+        if live > s:
+            torch.minimum(nearest[s:e], d[:, :live - s].amin(dim=1), out=nearest[s:e])
+        if e < k and live > s:  # pairs (i, j), i in the block, j after it: nearest for the j side too
+            torch.minimum(nearest[e:], d[:min(e, live) - s, b:].amin(dim=0), out=nearest[e:])
         tri = d[:, :b][inside[:b, :b]]
         upper[pos:pos + tri.numel()] = tri
         pos += tri.numel()
@@ -366,7 +383,8 @@ def _pairwise_stats(x: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def pairwise_summary(codebook: torch.Tensor, rel: float = 1e-2, max_codes: int | None = 4096,
-                     generator: torch.Generator | None = None) -> tuple[float, torch.Tensor]:
+                     generator: torch.Generator | None = None,
+                     live: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """Median inter-code distance and near-duplicate mask from one pairwise pass.
 
     See `median_pairwise_distance` and `near_duplicates`; both are computed on the same
@@ -377,17 +395,28 @@ def pairwise_summary(codebook: torch.Tensor, rel: float = 1e-2, max_codes: int |
         rel: duplicate threshold as a fraction of the median distance.
         max_codes: sample size bound (the pairwise matrix is max_codes^2, built in chunks).
         generator: randomness for the sample.
+        live: bool `[K]`, the codes that count as "another code" (e.g. codes in use by their
+            EMA counts): a code is a duplicate when a live code other than itself is that close.
+            None: every code. The median covers all pairs either way.
 
     Returns:
-        (median distance, NaN for fewer than two codes; bool mask over the sampled codes).
+        (median distance, NaN for fewer than two codes; bool mask over the sampled codes, in
+        sample order).
     """
     x = codebook.detach()
     idx = sample_rows(x.shape[0], max_codes, generator)
     if idx is not None:
         x = x[idx]
+        live = live[idx] if live is not None else None
     if x.shape[0] < 2:
         return float("nan"), torch.zeros(x.shape[0], dtype=torch.bool)
-    med, nearest = _pairwise_stats(x)
+    if live is None or bool(live.all()):
+        med, nearest = _pairwise_stats(x)
+    else:
+        order = torch.argsort((~live).to(torch.uint8), stable=True)  # live rows first
+        med, near_sorted = _pairwise_stats(x[order], int(live.sum()))
+        nearest = torch.empty_like(near_sorted)
+        nearest[order] = near_sorted
     return med, (nearest < rel * med) | (nearest == 0)
 
 

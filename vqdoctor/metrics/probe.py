@@ -297,6 +297,17 @@ def _no_fit(head: str, states: list[QuantizerState]) -> ProbeError:
     return ProbeError(f"{head}; quantizers expect: {expect or 'nothing'}")
 
 
+def reachable_share(K: int, n: int) -> float:
+    """Expected share of K codes hit by n uniform draws: 1 - (1 - 1/K)^n (~ 1 - exp(-n/K)).
+
+    The most a probe of n vectors can show in use, whatever the codebook does: 98.2% at n = 4K,
+    63% at n = K, ~n/K when n << K (implicit FSQ/LFQ codebooks are often far larger than a probe).
+    """
+    if K <= 1 or n <= 0:
+        return 1.0 if K <= 1 else 0.0
+    return -math.expm1(n * math.log1p(-1.0 / K))
+
+
 def _usage(idx: torch.Tensor, K: int, prefix: str = "probe_") -> dict[str, float]:
     """perplexity / usage / entropy of hard assignments (unique codes, so huge implicit K is fine)."""
     _, counts = torch.unique(idx, return_counts=True)
@@ -304,8 +315,54 @@ def _usage(idx: torch.Tensor, K: int, prefix: str = "probe_") -> dict[str, float
     usage = counts.numel() / K
     return {f"{prefix}perplexity": math.exp(h), f"{prefix}usage_fraction": usage,
             f"{prefix}dead_fraction": 1.0 - usage,
+            f"{prefix}usage_expected": reachable_share(K, idx.numel()),
             f"{prefix}entropy_norm": h / math.log(K) if K > 1 else 1.0,
             f"{prefix}top1_share": float(counts.max()) / idx.numel()}
+
+
+def gumbel_choices(logits: torch.Tensor, seed: int = F.SAMPLE_SEED) -> torch.Tensor:
+    """The codes a Gumbel-softmax quantizer picks for `[n, K]` logits, as it does in eval mode.
+
+    taming `GumbelQuantize` (and its ports) run `F.gumbel_softmax(logits, hard=True)` in eval too
+    and take the argmax of the result: a code drawn from softmax(logits) (the argmax of logits +
+    Gumbel noise; the temperature does not move an argmax). The plain argmax of the logits would
+    hide every code that is likely but never the most likely. Seeded, so a report is repeatable.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(logits.shape, generator=g, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    return (logits.to(torch.float64) - torch.log(-torch.log(u))).argmax(-1)
+
+
+def input_spread(x: torch.Tensor, cosine: bool = False) -> float | None:
+    """How spread the quantizer inputs are: median_i |z_i - mean z| / median_i |z_i|.
+
+    Scale-free (the inputs' own norm is the unit): ~0.3-1 for encoder outputs that carry
+    information (measured 0.13-1.0 over the zoo's probes, offset data included), ~0 when the
+    encoder maps every input to one point (a saturated sigmoid / tanh head: 2e-5 and 2e-10 in
+    the zoo's index-collapse scenarios), whatever the codebook. Cosine quantizers compare
+    directions, so their inputs are l2-normalised first. In float64 (the spread of a collapsed
+    input is below float32's resolution of its norm). Inputs that are all exactly 0 have no spread
+    (0); when more than half of them are 0, the RMS norm is the unit.
+
+    Args:
+        x: `[n, D]` finite inputs.
+        cosine: compare l2-normalised inputs.
+
+    Returns:
+        the spread, or None for fewer than two inputs.
+    """
+    if x.shape[0] < 2:
+        return None
+    v = x.detach().to(torch.float64)
+    if cosine:
+        v = F.l2normalize(v)
+    norms = torch.linalg.vector_norm(v, dim=-1)
+    unit = float(norms.median())
+    if unit <= 0:
+        unit = float(norms.pow(2).mean().sqrt())
+    if unit <= 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(v - v.mean(0), dim=-1).median()) / unit
 
 
 def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
@@ -321,9 +378,12 @@ def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False
     l2-normalised). Non-finite rows are counted (`probe_nonfinite`, elements) and dropped.
 
     - always: probe_tokens, probe_nonfinite; and with finite rows, z_norm_median (norm of the
-      projected head slices).
+      projected head slices) and z_spread (`input_spread` of the head slices; Gumbel: of the
+      hidden features).
+    - Gumbel with its logits layer (`extra["gumbel_logits"]`): the usage names of the codes it
+      would pick (`gumbel_choices`: drawn from softmax(logits), as in eval mode).
     - codebook quantizers: probe_perplexity, probe_usage_fraction, probe_dead_fraction,
-      probe_entropy_norm, probe_top1_share (per codebook, averaged over heads with separate
+      probe_usage_expected, probe_entropy_norm, probe_top1_share (per codebook, averaged over heads with separate
       codebooks; pooled over heads sharing one), code_norm_median, scale_ratio =
       z_norm_median / code_norm_median, nearest_dist_median, nearest_to_intercode =
       nearest_dist_median / intercode_dist_median, quant_error_rel = median |z - e_k| / |z|
@@ -347,17 +407,21 @@ def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False
     x = x[torch.isfinite(x).all(-1)]
     out["probe_tokens"] = float(x.shape[0])
     if q.kind == "gumbel":
-        # Gumbel quantizers pick argmax(logits(h)) from hidden features h that are not in the
-        # codes' space: usage from the logits layer when known; no scale / distance metrics.
+        # Gumbel quantizers choose from hidden features h that are not in the codes' space:
+        # usage from the logits layer when known; no scale / distance metrics.
+        if (spread := input_spread(x)) is not None:
+            out["z_spread"] = spread
         logits = q.extra.get("gumbel_logits")
         if logits is not None and x.shape[0] and x.shape[1] == logits[0].shape[1]:
-            out.update(_usage((x @ logits[0].T + logits[1]).argmax(1), q.codebook_size))
+            out.update(_usage(gumbel_choices(x @ logits[0].T + logits[1]), q.codebook_size))
         return out
     h, D = q.input_heads, q.dim
     if x.shape[0] == 0 or x.shape[1] != h * D:
         return out
     heads = x.reshape(-1, h, D)
     out["z_norm_median"] = float(F.row_norms(heads).median())
+    if (spread := input_spread(heads.reshape(-1, D), q.metric == "cosine")) is not None:
+        out["z_spread"] = spread
 
     if q.kind == "fsq" and q.levels:
         flat = heads.reshape(-1, D)

@@ -18,8 +18,8 @@ from vqdoctor.checkpoint.base import TensorSource
 from vqdoctor.quantizers.base import QuantizerState
 
 # Hyper-parameters copied from the checkpoint config into `QuantizerState.extra` when present.
-CONFIG_EXTRAS = ("threshold_ema_dead_code", "commitment_weight", "kmeans_init", "kmeans_iters",
-                 "codebook_size")
+CONFIG_EXTRAS = ("threshold_ema_dead_code", "reset_cluster_size", "commitment_weight", "kmeans_init",
+                 "kmeans_iters", "codebook_size")
 
 
 # `TensorSource.meta` key of quantizers whose stored tensors contradict each other:
@@ -220,6 +220,11 @@ def read_projection(roles: Roles, prefix: str, role: str = "project_in"
 
 
 def unit_rows(codebook: torch.Tensor, tol: float = 1e-3) -> bool:
-    """True when every row of a non-zero [H, K, D] table has unit l2 norm (cosine codebooks)."""
+    """True when every non-zero row of a non-zero [H, K, D] table has unit l2 norm (cosine codebooks).
+
+    All-zero rows are skipped: a cosine codebook stores l2norm(embed_avg / count), which is the
+    zero vector for a code whose EMA sums are zero (lucidrains: an empty k-means cluster).
+    """
     norms = codebook.norm(dim=-1)
-    return bool(norms.numel() > 0 and ((norms - 1).abs() < tol).all())
+    live = norms[norms > 0]
+    return bool(live.numel() > 0 and ((live - 1).abs() < tol).all())

@@ -54,13 +54,26 @@ def _project(r: Roles, name: str, group: str | None, st: QuantizerState) -> None
                 return
 
 
+# Norm floors of lucidrains' `l2norm` (F.normalize eps): 1e-6 at HEAD, torch's 1e-12 before.
+_COSINE_NORM_EPS = (1e-6, 1e-12)
+
+
 def _ema_consistent(embed: torch.Tensor, avg: torch.Tensor, n: torch.Tensor, cosine: bool) -> bool:
     """lucidrains invariant (§2.4): embed == embed_avg / laplace-smoothed(cluster_size)."""
     total = n.sum(-1, keepdim=True)
     pred = avg / ((n + EPS) / (total + n.shape[-1] * EPS) * total).unsqueeze(-1)
-    pred = F.normalize(pred, dim=-1) if cosine else pred
-    err = (embed - pred).norm(dim=-1) / embed.norm(dim=-1).clamp_min(1e-12)
+    if cosine:  # lucidrains l2norm: F.normalize(eps=1e-6) (1e-12 before): dead rows are not unit
+        errs = [(embed - F.normalize(pred, dim=-1, eps=c)).norm(dim=-1) for c in _COSINE_NORM_EPS]
+        err = torch.minimum(*errs) / embed.norm(dim=-1).clamp_min(1e-12)
+    else:
+        err = (embed - pred).norm(dim=-1) / embed.norm(dim=-1).clamp_min(1e-12)
     return bool(err.max() < 1e-3)
+
+
+def _short_or_unit_rows(embed: torch.Tensor, tol: float) -> bool:
+    """No row longer than 1 and some row of unit norm: what a cosine codebook with dead codes holds."""
+    norms = embed.norm(dim=-1)
+    return bool((norms <= 1 + tol).all() and ((norms - 1).abs() < tol).any())
 
 
 def _kind(src: TensorSource, cb: str, st: QuantizerState) -> str:
@@ -111,6 +124,11 @@ def _vq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
         if cosine is None and st.initted and unit_rows(embed, tol):
             cosine = True
             st.notes.append("cosine metric inferred from unit-norm codes (use_cosine_sim).")
+        elif (cosine is None and st.initted and n is not None and avg is not None
+              and _short_or_unit_rows(embed, tol) and _ema_consistent(embed, as_hkd(avg), as_hk(n), True)):
+            # Long-dead codes of a cosine codebook are stored shorter than 1 (l2norm's norm floor).
+            cosine = True
+            st.notes.append("cosine metric inferred from codes = l2norm(embed_avg / counts) (use_cosine_sim).")
         st.metric = "cosine" if cosine else "euclidean"
         if cb + "codebook_mean" in src.infos:
             _affine(src, r, cb, st)

@@ -109,6 +109,93 @@ def onset(mask: pd.Series, k: int, *, at_end: bool = True) -> int | None:
     return start
 
 
+@dataclass(frozen=True)
+class Episode:
+    """A streak of recorded rows on which a condition held.
+
+    Attributes:
+        start: step of its first row (the onset).
+        end: step of its last row.
+        rows: recorded rows in the streak.
+        ended: step of the first row after it on which the condition no longer held (None
+            while it still holds on the latest row).
+    """
+
+    start: int
+    end: int
+    rows: int
+    ended: int | None
+
+    @property
+    def steps(self) -> int:
+        """Training steps it lasted: to the row that ended it (to its last row while ongoing)."""
+        return (self.ended if self.ended is not None else self.end) - self.start
+
+
+def episodes(mask: pd.Series, k: int = 1) -> list[Episode]:
+    """Every streak of at least `k` consecutive recorded rows on which `mask` holds, in order."""
+    m = mask.fillna(False).astype(bool).to_numpy()
+    idx = [step_of(i) for i in mask.index]
+    out: list[Episode] = []
+    i, n = 0, len(m)
+    while i < n:
+        if not m[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and m[j + 1]:
+            j += 1
+        if j - i + 1 >= max(1, k) and idx[i] is not None and idx[j] is not None:
+            out.append(Episode(start=int(idx[i]), end=int(idx[j]), rows=j - i + 1,
+                               ended=idx[j + 1] if j + 1 < n else None))
+        i = j + 1
+    return out
+
+
+def transient(mask: pd.Series, k: int, min_steps: int) -> Episode | None:
+    """The first streak of >= `k` rows lasting >= `min_steps` steps that has *ended*.
+
+    For state-like conditions that came and went (a scale drift that healed, a wrong-scale
+    init the encoder grew out of): what they did may outlast them (`damage_at_end`), so a rule
+    reports them with their onset and end instead of forgetting them. None while the
+    condition still holds at the end (then `onset` applies) or when no streak was long enough.
+    """
+    if holds_at_end(mask):
+        return None
+    for e in episodes(mask, k):
+        if e.ended is not None and e.steps >= min_steps:
+            return e
+    return None
+
+
+def damage_at_end(q: QuantizerEvidence, *, dead_fraction: float = 0.25,
+                  perplexity_fraction: float = 0.05) -> dict[str, float] | None:
+    """The lasting symptoms a past condition may have caused, when they are present now.
+
+    Dead codes (`dead_fraction`, else 1 - `usage_window`, latest) >= `dead_fraction`, or a
+    collapsed usage (latest batch `perplexity` / min(K, `tokens`) <= `perplexity_fraction`).
+    The defaults are VQ005's and VQ006's warning levels.
+
+    Returns:
+        The symptom values (evidence), or None when the run ends without them.
+    """
+    out: dict[str, float] = {}
+    dead = latest(q, "dead_fraction")
+    if dead is None and (u := latest(q, "usage_window")) is not None:
+        dead = 1.0 - u
+    if dead is not None and dead >= dead_fraction:
+        out["dead_fraction_end"] = dead
+    ps = qcol(q, "perplexity")
+    perp = float(ps.iloc[-10:].median()) if ps is not None else q.m("perplexity")  # batch value: a few rows
+    if perp is not None and q.codebook_size:
+        n = latest(q, "tokens") or q.codebook_size
+        frac = perp / max(1.0, min(q.codebook_size, n))
+        if frac <= perplexity_fraction:
+            out["perplexity_end"] = perp
+            out["perplexity_fraction_end"] = frac
+    return out or None
+
+
 def after(s: pd.Series, step: int | None) -> pd.Series:
     """Rows of `s` at or after `step` (all rows when step is None)."""
     return s if step is None else s[s.index >= step]

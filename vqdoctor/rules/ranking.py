@@ -3,6 +3,10 @@
 Causal knowledge lives in each rule's `RuleSpec.explains` (cause -> symptoms it can produce).
 When two findings could explain each other (e.g. loss divergence and non-finite values), the one
 that held first (run mode) is the cause; without steps, `ROOT_ORDER` decides.
+
+Evidence can widen the graph for one finding: a finding whose `evidence["explains"]` lists ids
+explains those findings too, and none of them can be its cause (index-collapse whose inputs have
+no spread explains the dead codes beside it; without that evidence dead codes explain a collapse).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ ROOT_ORDER = (
     "no-encoder-gradient",
     "ema-divergence",
     "loss-divergence",
+    # Non-finite values poison every other measurement of their quantizer (a NaN codebook makes
+    # counts, norms and replacements meaningless), so as an independent root they come first
+    # among the rest; loss divergence and EMA divergence can cause them and stay above.
+    "non-finite",
     "scale-mismatch",
     "replacement-churn",
-    "non-finite",
     "codebook-redundancy",
     "dead-codes",
     "index-collapse",
@@ -58,9 +65,21 @@ def _distance(cause: Finding, symptom: Finding) -> int:
     return 0 if same else 1
 
 
+def _declared(f: Finding) -> tuple[str, ...]:
+    """Ids this finding's evidence says it explains (`evidence["explains"]`), beyond its rule's."""
+    ids = f.evidence.get("explains") if isinstance(f.evidence, dict) else None
+    return tuple(x for x in ids if isinstance(x, str)) if isinstance(ids, (list, tuple)) else ()
+
+
 def _causes(a: Finding, b: Finding, explains: dict[str, tuple[str, ...]]) -> bool:
     """True when finding `a` should be taken as a cause of finding `b`."""
-    if a.id == b.id or b.id not in explains.get(a.id, ()):
+    if a.id == b.id:
+        return False
+    if b.id in _declared(a):  # evidence-level explanation: overrides the static graph
+        return True
+    if a.id in _declared(b):
+        return False
+    if b.id not in explains.get(a.id, ()):
         return False
     if a.id in explains.get(b.id, ()):  # mutual: earliest onset wins, then ROOT_ORDER
         if a.step is not None and b.step is not None and a.step != b.step:

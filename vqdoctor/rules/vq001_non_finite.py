@@ -22,6 +22,8 @@ missing, or underflows in float16 (`(0 + 1e-5)/(n + K*1e-5)*n` is exactly 0.0 in
   rows after it had been finite (a NaN that never recovers; isolated NaN rows are treated as
   gaps in recording).
 - Where it started, in forward order: input -> EMA buffers -> codebook -> output -> gradient.
+  The onset is the first step with a count > 0, or the loss's first non-finite step when that
+  came earlier (tensors are scanned every `stats_every` steps, the loss every step).
 - `ema_lowp` names float16/bfloat16 EMA buffers in the fix.
 Severity: always `error`. Confidence 0.95 for counted tensors, 0.8 for the loss alone.
 
@@ -139,6 +141,9 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         if where == "codebook" and q.kind == "vq-ema":
             where = "ema"  # an EMA codebook is embed_avg / counts: the division is the origin
         steps = [s for _, s in t.values() if s is not None]
+        if steps and loss_step is not None:
+            # tensors are scanned at the cadence, the loss every step: the earlier is the onset
+            steps.append(loss_step)
         evidence = {n: v for n, (v, _) in t.items()}
         evidence |= {f"{n}_first_step": s for n, (_, s) in t.items() if s is not None}
         evidence["origin"] = where

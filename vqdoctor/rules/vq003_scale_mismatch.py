@@ -28,10 +28,20 @@ the encoder output scaled x0.01 used exactly one code.
   reported; when neither was measured the ratio alone counts, with confidence 0.5.
 - Run: the condition must hold `sustain_steps` (3) recorded rows and still hold at the end;
   the onset is the first of those rows.
+- Run, transient: a mismatch that held `sustain_steps` rows for `transient_steps` (50) training
+  steps or more and then ended is not forgotten. When the run still ends with its usual damage,
+  dead codes (`dead_fraction`, else 1 - `usage_window`) >= `damage_dead_fraction` (0.25) or a
+  batch perplexity / min(K, n) <= `damage_perplexity_fraction` (0.05), it is a `warning` dated
+  at its onset (evidence: when it held and ended, its worst ratio, the damage); after a full
+  recovery it is an `info` note. A wrong-scale k-means init the encoder grows out of, or an
+  encoder that outgrows an EMA codebook for a few hundred steps, leaves codes dead this way.
 - Growth (run; cosine lookups, or Euclidean runs without a code norm): `z_norm_median` /
-  its running minimum >= `z_growth_warn` (10), `error` from `z_growth_error` (100).
-Confidence 0.9 when usage is low, 0.7 on geometry alone, 0.5 with no confirmation column in a run,
-0.6 for growth.
+  its running minimum >= `z_growth_warn` (10), `error` from `z_growth_error` (100); dated where
+  the growth began (the smallest ||z|| before the crossing), the crossing step in the evidence.
+Confidence 0.9 when usage is low, 0.7 on geometry alone, 0.5 with no confirmation column in a run;
+growth 0.9 while still growing at the end (the latest ||z|| is the largest), 0.6 once it levelled
+off; a transient that left damage as the mismatch was while it held (severity from its worst
+ratio, 0.9 with low usage then, else 0.7), the recovered note 0.6.
 
 ## Fix
 1. Initialise the codebook from data (k-means on encoder outputs, `kmeans_init=True`), not from
@@ -51,6 +61,7 @@ Confidence 0.9 when usage is low, 0.7 on geometry alone, 0.5 with no confirmatio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -79,6 +90,9 @@ class Params:
     sustain_steps: int = 3
     z_growth_warn: float = 10.0
     z_growth_error: float = 100.0
+    transient_steps: int = 50
+    damage_dead_fraction: float = 0.25
+    damage_perplexity_fraction: float = 0.05
 
 
 def _fix(r: float) -> str:
@@ -93,57 +107,116 @@ def _fix(r: float) -> str:
 
 
 def _signals(q: QuantizerEvidence) -> pd.DataFrame | None:
-    """ratio / usage / nti per recorded step (run) or one row indexed [None] (checkpoint probe)."""
+    """ratio / usage / nti per recorded step (run); None without a ratio series."""
     r, K = S.qcol(q, "scale_ratio"), q.codebook_size
     z, c = S.qcol(q, "z_norm_median"), S.qcol(q, "code_norm_median")
     if r is None and z is not None and c is not None:
         r = (z / c.reindex(z.index).ffill()).replace([np.inf, -np.inf], np.nan).dropna()
-    if r is not None and len(r := r[r > 0]):
-        perp, tokens = S.qcol(q, "perplexity"), S.qcol(q, "tokens")
-        n = tokens.reindex(r.index).ffill().fillna(K) if tokens is not None else float(K)
-        usage = (perp.reindex(r.index).ffill() / np.minimum(K, n) if perp is not None
-                 else S.qcol(q, "usage_window"))
-        nti = S.qcol(q, "nearest_to_intercode")
-        import pandas as pd  # here, not at module level: see rules/base.py
+    if r is None or not len(r := r[r > 0]):
+        return None
+    perp, tokens = S.qcol(q, "perplexity"), S.qcol(q, "tokens")
+    n = tokens.reindex(r.index).ffill().fillna(K) if tokens is not None else float(K)
+    usage = (perp.reindex(r.index).ffill() / np.minimum(K, n) if perp is not None
+             else S.qcol(q, "usage_window"))
+    nti = S.qcol(q, "nearest_to_intercode")
+    import pandas as pd  # here, not at module level: see rules/base.py
 
-        return pd.DataFrame({"ratio": r, "usage": np.nan if usage is None else usage.reindex(r.index).ffill(),
-                             "nti": np.nan if nti is None else nti.reindex(r.index).ffill()})
+    return pd.DataFrame({"ratio": r, "usage": np.nan if usage is None else usage.reindex(r.index).ffill(),
+                         "nti": np.nan if nti is None else nti.reindex(r.index).ffill()})
+
+
+def _scalars(q: QuantizerEvidence) -> tuple[float, float, float] | None:
+    """(ratio, effective usage, nearest_to_intercode) of a checkpoint probe (NaN: not measured)."""
     if (rv := q.m("scale_ratio")) is None or rv <= 0:
         return None
+    K = q.codebook_size
     perp, n = q.m("probe_perplexity"), q.m("probe_tokens") or K
-    import pandas as pd
+    usage = math.nan if perp is None or not K else perp / min(K, n)
+    return rv, usage, q.m("nearest_to_intercode", math.nan)
 
-    return pd.DataFrame({"ratio": [rv], "usage": [np.nan if perp is None else perp / min(K, n)],
-                         "nti": [q.m("nearest_to_intercode", np.nan)]}, index=[None])
+
+def _mismatch(ratio, usage, nti, p: Params):
+    """(mismatch, usage low, unconfirmed) on floats or on aligned Series alike."""
+    far = np.maximum(ratio, 1 / ratio)
+    low = usage < p.low_usage_fraction
+    outside = (nti >= p.nearest_to_intercode_min) & (ratio > 1)
+    unconfirmed = bool(np.all(np.isnan(usage))) and bool(np.all(np.isnan(nti)))  # nothing to confirm with
+    return (far >= p.warn_ratio) & (low | outside | unconfirmed), low, unconfirmed
+
+
+def _finding(q: QuantizerEvidence, p: Params, rv: float, u: float, nt: float, low: bool,
+             unconfirmed: bool, step: int | None, extra: dict[str, float] | None = None) -> Finding:
+    far = max(rv, 1 / rv)
+    conf = 0.5 if unconfirmed else 0.9 if low else 0.7
+    evidence = {"scale_ratio": rv, "usage_effective": u, "nearest_to_intercode": nt,
+                "z_norm_median": S.latest(q, "z_norm_median"),
+                "code_norm_median": S.latest(q, "code_norm_median"), **(extra or {})}
+    usage_txt = f"; effective usage {u:.1%}" if np.isfinite(u) else ""
+    return SPEC.finding(
+        severity=Severity.ERROR if far >= p.error_ratio else Severity.WARNING,
+        confidence=conf, quantizer=q.name, step=step, fix=_fix(rv),
+        evidence={k: v for k, v in evidence.items() if v is not None and np.isfinite(v)},
+        message=f"median ||z|| / median ||e|| = {rv:.3g} ({far:.3g}x apart){usage_txt}")
 
 
 def _ratio(q: QuantizerEvidence, p: Params) -> Finding | None:
     f = _signals(q)
-    if f is None:
-        return None
-    far = np.maximum(f["ratio"], 1 / f["ratio"])
-    low = f["usage"] < p.low_usage_fraction
-    outside = (f["nti"] >= p.nearest_to_intercode_min) & (f["ratio"] > 1)
-    unconfirmed = f["usage"].isna().all() and f["nti"].isna().all()  # nothing to confirm with
-    mask = (far >= p.warn_ratio) & (low | outside | unconfirmed)
-    is_run = f.index[0] is not None
-    step = S.onset(mask, p.sustain_steps) if is_run else None
-    if (is_run and step is None) or not mask.iloc[-1]:
-        return None
-    last = f.iloc[-1]
-    rv, u, nt = float(last["ratio"]), float(last["usage"]), float(last["nti"])
-    conf = 0.5 if unconfirmed else 0.9 if bool(low.iloc[-1]) else 0.7
-    evidence = {"scale_ratio": rv, "usage_effective": u, "nearest_to_intercode": nt,
-                "z_norm_median": S.latest(q, "z_norm_median"),
-                "code_norm_median": S.latest(q, "code_norm_median")}
+    if f is None:  # checkpoint (probe): plain floats, no frame
+        sc = _scalars(q)
+        if sc is None:
+            return None
+        rv, u, nt = sc
+        hit, low, unconfirmed = _mismatch(rv, u, nt, p)
+        return _finding(q, p, rv, u, nt, bool(low), unconfirmed, None) if hit else None
+    mask, low, unconfirmed = _mismatch(f["ratio"], f["usage"], f["nti"], p)
+    step = S.onset(mask, p.sustain_steps)
     if step is not None:
-        evidence["scale_ratio_onset"] = float(f.loc[step, "ratio"])
-    usage_txt = f"; effective usage {u:.1%}" if np.isfinite(u) else ""
-    return SPEC.finding(
-        severity=Severity.ERROR if float(far.iloc[-1]) >= p.error_ratio else Severity.WARNING,
-        confidence=conf, quantizer=q.name, step=step, fix=_fix(rv),
-        evidence={k: v for k, v in evidence.items() if v is not None and np.isfinite(v)},
-        message=f"median ||z|| / median ||e|| = {rv:.3g} ({float(far.iloc[-1]):.3g}x apart){usage_txt}")
+        last = f.iloc[-1]
+        return _finding(q, p, float(last["ratio"]), float(last["usage"]), float(last["nti"]),
+                        bool(low.iloc[-1]), unconfirmed, step,
+                        {"scale_ratio_onset": float(f.loc[step, "ratio"])})
+    return _transient(q, p, f, mask)
+
+
+def _transient(q: QuantizerEvidence, p: Params, f: pd.DataFrame, mask: pd.Series) -> Finding | None:
+    """A mismatch that held for `transient_steps` or more and then ended.
+
+    Reported, dated at its onset, when the run still shows what it typically leaves behind
+    (dead codes or a collapsed usage: codes the inputs skipped while they were on another
+    scale do not come back by themselves); an `info` note when the run recovered.
+    """
+    ep = S.transient(mask, p.sustain_steps, p.transient_steps)
+    if ep is None:
+        return None
+    held = f.loc[ep.start:ep.end]
+    far = np.maximum(held["ratio"], 1 / held["ratio"])
+    worst = float(held.loc[far.idxmax(), "ratio"])
+    low = bool((held["usage"] < p.low_usage_fraction).any())
+    rv_now = float(f["ratio"].iloc[-1])
+    damage = S.damage_at_end(q, dead_fraction=p.damage_dead_fraction,
+                             perplexity_fraction=p.damage_perplexity_fraction)
+    evidence = {"scale_ratio": rv_now, "scale_ratio_worst": worst,
+                "scale_ratio_onset": float(f.loc[ep.start, "ratio"]), "mismatch_first_step": ep.start,
+                "mismatch_last_step": ep.end, "mismatch_ended_step": ep.ended, "mismatch_steps": ep.steps,
+                "z_norm_median": S.latest(q, "z_norm_median"), "code_norm_median": S.latest(q, "code_norm_median"),
+                **(damage or {})}
+    span = f"from step {ep.start:,} to {ep.end:,}"
+    if damage:
+        left = (f"{damage['dead_fraction_end']:.0%} of codes are dead" if "dead_fraction_end" in damage
+                else f"perplexity is {damage['perplexity_end']:.3g}")
+        # judged as the mismatch was while it held: its worst ratio and its confirmation
+        sev = Severity.ERROR if max(worst, 1 / worst) >= p.error_ratio else Severity.WARNING
+        conf = 0.9 if low else 0.7
+        msg = (f"median ||z|| / median ||e|| reached {worst:.3g} ({max(worst, 1 / worst):.3g}x apart) {span}; "
+               f"it is {rv_now:.3g} now, but {left} at the end: codes skipped meanwhile did not come back")
+        fix = _fix(worst) + " Re-seed the dead codes (k-means or replacement from recent inputs) once the scales match."
+    else:
+        sev, conf = Severity.INFO, 0.6
+        msg = (f"median ||z|| / median ||e|| reached {worst:.3g} {span}, then recovered ({rv_now:.3g} now); "
+               "no lasting dead codes or collapse")
+        fix = _fix(worst)
+    return SPEC.finding(severity=sev, confidence=conf, quantizer=q.name, step=ep.start, message=msg, fix=fix,
+                        evidence={k: v for k, v in evidence.items() if v is not None and np.isfinite(v)})
 
 
 def _growth(q: QuantizerEvidence, p: Params) -> Finding | None:
@@ -151,15 +224,22 @@ def _growth(q: QuantizerEvidence, p: Params) -> Finding | None:
     if z is None:
         return None
     g = S.ratio_to_running_min(z)
-    start = S.onset(g >= p.z_growth_warn, p.sustain_steps)
-    if start is None:
+    crossed = S.onset(g >= p.z_growth_warn, p.sustain_steps)
+    if crossed is None:
         return None
+    # the growth began where ||z|| was smallest before it crossed the threshold
+    start = S.step_of(z.loc[:crossed].idxmin())
     last = float(g.iloc[-1])
+    # still growing at the end (the latest value is the largest): unbounded, not a level it settled at
+    growing = float(z.iloc[-1]) >= float(z.max()) * (1 - 1e-9)
     return SPEC.finding(
-        severity=Severity.ERROR if last >= p.z_growth_error else Severity.WARNING, confidence=0.6,
+        severity=Severity.ERROR if last >= p.z_growth_error else Severity.WARNING,
+        confidence=0.9 if growing else 0.6,
         quantizer=q.name, step=start,
-        message=f"input norm grew {last:.3g}x to {z.iloc[-1]:.3g} (median ||z||) from step {start:,}",
-        evidence={"z_norm_median": float(z.iloc[-1]), "z_norm_min": float(z.min()), "z_growth": last},
+        message=f"input norm grew {last:.3g}x from {float(z.min()):.3g} (step {start:,}) to {z.iloc[-1]:.3g} "
+                f"(median ||z||), {p.z_growth_warn:g}x by step {crossed:,}",
+        evidence={"z_norm_median": float(z.iloc[-1]), "z_norm_min": float(z.min()), "z_growth": last,
+                  "z_growth_warn_step": crossed},
         fix="Bound the encoder output: LayerNorm after project_in (lucidrains "
             "layernorm_after_project_in=True, #26) or a larger commitment weight; the commitment "
             "loss grows with ||z||^2 even when the lookup is scale-invariant.")
@@ -171,7 +251,7 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
     for q in ev.quantizers:
         if q.kind in ("fsq", "lfq"):
             continue  # fixed grids: the encoder output is bounded (tanh) or sign-quantized
-        has_ratio = q.metric != "cosine" and _signals(q) is not None
+        has_ratio = q.metric != "cosine" and (_signals(q) is not None or _scalars(q) is not None)
         f = _ratio(q, p) if has_ratio else _growth(q, p)
         if f is not None:
             yield f

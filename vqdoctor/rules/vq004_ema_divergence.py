@@ -22,17 +22,34 @@ from it (the SPEC's user story kept the VQ in training mode during evaluation).
 
 ## Signals and thresholds
 - `blowup_ratio` (max / median code norm) >= `blowup_ratio_warn` (100) with `blowup_rows` > 0;
-  `error` from `blowup_ratio_error` (1e3); the zero-init signature is ~decay/eps (1e4-1e5).
+  `error` from `blowup_ratio_error` (1e3); the zero-init signature is ~decay/eps (1e4-1e5). In a
+  run both are recorded at every cadence step (none when the median code norm is ~0, below 1e-6
+  of the median row: an encoder output of exactly 0 makes the origin the only live code, and
+  every ordinary row would read as blown up 1e10 times). `error` too below 1e3 when the counts
+  show the warm-up from zero: `ema_count_sum_to_tokens` <= `warmup_start_max` (0.2) on the first
+  recorded row and at least twice that later (sum = n (1 - decay^t): 0.049 -> 0.97 in the SPEC's
+  story). A blow-up that held `sustain_steps` rows over `transient_steps` (20) steps or more
+  and faded while dead codes or a collapse remain is still reported: as the counts fill up the
+  blown rows shrink back (decay^t), but the codes they held stay dead.
 - `ema_residual_max` (relative, live rows) >= `residual_warn` (0.01); healthy EMA codebooks
   read 0 to ~3e-6. When `ema_residual_median` also >= `residual_warn`, the break is systematic.
-- `ema_lowp` == 1: float16/bfloat16 EMA buffers.
-- `eval_mutation` > 0 on any recorded step (run): an event, no sustain needed.
+- `ema_lowp` == 1: float16/bfloat16 EMA buffers (`info` once the quantizer's tensors hold
+  non-finite values: non-finite reports them and names the low precision in its fix).
+- `eval_mutation` > 0 on any recorded step (run): an event, no sustain needed. It explains the
+  codebook only when the evaluation data moved it: `eval_codebook_rms_change` (per changed
+  evaluation forward) >= `eval_move_factor` (3) x `codebook_forward_rms_change` (per training
+  forward, medians), or when either was not measured. Evaluation data from the training
+  distribution moves an EMA codebook about as far as a training batch: then the sub-cause is an
+  `info` note (the bug is real, the damage comes from elsewhere).
 - `ema_count_sum_to_tokens` outside [1/`count_sum_tolerance`, `count_sum_tolerance`] (2) x 1,
   and outside the same band around the world size (`world_size` in the run scalars): counts
-  all-reduced or not. Replacement adds mass (our toy read 1.36), so the band is wide.
+  all-reduced or not. Replacement adds mass (our toy read 1.36), so the band is wide; excess
+  mass while `codes_replaced` averages >= `replaced_rate_mass` (0.01) x K per step over the
+  last 20 rows is left to replacement-churn (counts reset to the threshold every step).
 Run mode: state conditions must hold `sustain_steps` (3) rows and still hold at the end.
-Severity `error` for blow-ups >= `blowup_ratio_error`, otherwise `warning`. Confidence 0.85
-blow-ups, 0.9 eval mutation, 0.8 low precision, 0.6 invariant, 0.5 count mass.
+Severity `error` for blow-ups >= `blowup_ratio_error` (or with the zero-init warm-up),
+otherwise `warning`. Confidence 0.85 blow-ups, 0.9 eval mutation (0.5 as a note), 0.8 low
+precision, 0.6 invariant, 0.5 count mass.
 
 ## Fix
 1. Zero-init blow-ups: initialise `cluster_size` to ones or debias the EMA (Sonnet), keep
@@ -87,6 +104,10 @@ class Params:
     residual_warn: float = 0.01
     count_sum_tolerance: float = 2.0
     sustain_steps: int = 3
+    warmup_start_max: float = 0.2
+    eval_move_factor: float = 3.0
+    replaced_rate_mass: float = 0.01
+    transient_steps: int = 20
 
 
 @dataclass(frozen=True)
@@ -100,26 +121,100 @@ class _Sub:
     fix: str
 
 
+_BLOWUP_FIX = ("Initialise cluster_size to ones or debias the EMA (Sonnet), keep Laplace smoothing "
+               "with eps >= 1e-5 in float32, or enable k-means init; re-seed the blown-up rows.")
+
+
+def _warmup_from_zero(q: QuantizerEvidence, p: Params) -> dict[str, float] | None:
+    """EMA counts that started near zero and filled up: sum/tokens <= `warmup_start_max` on the
+    first recorded row, then at least twice that (n (1 - decay^t) without debiasing)."""
+    s = S.qcol(q, "ema_count_sum_to_tokens")
+    if s is None or len(s) < 2:
+        return None
+    first, peak = float(s.iloc[0]), float(s.iloc[1:].max())
+    if first <= p.warmup_start_max and peak >= 2 * first:
+        return {"ema_count_sum_to_tokens_first": first, "ema_count_sum_to_tokens_later": peak}
+    return None
+
+
+def _eval_moves(q: QuantizerEvidence) -> float | None:
+    """Codebook move per evaluation forward / per training forward (medians); None: not measured."""
+    ev, tr = S.qcol(q, "eval_codebook_rms_change"), S.qcol(q, "codebook_forward_rms_change")
+    if ev is None or tr is None:
+        return None
+    base = float(tr.median())
+    return float(ev.median()) / base if base > 0 else float("inf")
+
+
+def _nonfinite_seen(q: QuantizerEvidence) -> bool:
+    for name in ("nonfinite_buffers", "nonfinite_codebook", "nonfinite_cluster_size", "nonfinite_embed_avg",
+                 "nonfinite_output"):
+        s = S.qcol(q, name)
+        if (s is not None and bool((s > 0).any())) or (q.m(name) or 0) > 0:
+            return True
+    return False
+
+
+def _blowup(q: QuantizerEvidence, p: Params) -> _Sub | None:
+    k = p.sustain_steps
+    warm = _warmup_from_zero(q, p)
+    h = S.judge(q, "blowup_ratio", lambda v: v >= p.blowup_ratio_warn, k)
+    ended = None
+    if h is None and (s := S.qcol(q, "blowup_ratio")) is not None:
+        ep = S.transient(s >= p.blowup_ratio_warn, k, p.transient_steps)
+        if ep is not None and S.damage_at_end(q) is not None:
+            ended = ep
+            h = S.Hit(step=ep.start, last=float(s.iloc[-1]), worst=float(s.loc[ep.start:ep.end].max()))
+    if h is None:
+        return None
+    rows = S.latest(q, "blowup_rows", 0) or 0
+    if ended is not None:
+        b = S.qcol(q, "blowup_rows")
+        rows = float(b.loc[ended.start:ended.end].max()) if b is not None else rows
+    if rows <= 0:
+        return None
+    worst = max(h.last, h.worst)
+    zero_init = worst >= p.blowup_ratio_error or warm is not None
+    why = ""
+    if warm is not None:
+        why = (f" (zero-initialised counts without debiasing: the counts started at "
+               f"{warm['ema_count_sum_to_tokens_first']:.2g}x the tokens per step and filled up)")
+    elif zero_init:
+        why = " (zero-initialised counts without debiasing: ~decay/eps)"
+    msg = f"{int(rows):,} code rows blown up to {worst:.3g}x the median norm" + why
+    if ended is not None:
+        msg += (f", from step {ended.start:,} to {ended.end:,}; the codes they held stay dead")
+    evidence: dict[str, Any] = {"blowup_rows": int(rows), "blowup_ratio": worst, **(warm or {})}
+    if ended is not None:
+        evidence |= {"blowup_last_step": ended.end, "blowup_ratio_now": h.last}
+    return _Sub("blowup", Severity.ERROR if zero_init else Severity.WARNING, 0.85, h.step,
+                msg, evidence, _BLOWUP_FIX)
+
+
 def _subs(q: QuantizerEvidence, world: float, p: Params) -> Iterator[_Sub]:
     k = p.sustain_steps
-    h = S.judge(q, "blowup_ratio", lambda v: v >= p.blowup_ratio_warn, k)
-    if h and (rows := S.latest(q, "blowup_rows", 0) or 0) > 0:
-        zero_init = h.last >= p.blowup_ratio_error
-        yield _Sub("blowup", Severity.ERROR if zero_init else Severity.WARNING, 0.85, h.step,
-                   f"{int(rows):,} code rows blown up to {h.last:.3g}x the median norm"
-                   + (" (zero-initialised counts without debiasing: ~decay/eps)" if zero_init else ""),
-                   {"blowup_rows": int(rows), "blowup_ratio": h.last},
-                   "Initialise cluster_size to ones or debias the EMA (Sonnet), keep Laplace smoothing "
-                   "with eps >= 1e-5 in float32, or enable k-means init; re-seed the blown-up rows.")
+    if (b := _blowup(q, p)) is not None:
+        yield b
     if h := S.judge(q, "eval_mutation", lambda v: v > 0, 1, at_end=False):
-        yield _Sub("eval_mutation", Severity.WARNING, 0.9, h.step,
-                   f"EMA buffers changed by eval/no-grad forwards ({h.rows} step(s), up to {h.worst:g})",
-                   {"eval_mutation_steps": h.rows, "eval_mutation_max": h.worst},
+        moves = _eval_moves(q)
+        plausible = moves is None or moves >= p.eval_move_factor
+        ev_eval: dict[str, Any] = {"eval_mutation_steps": h.rows, "eval_mutation_max": h.worst}
+        if moves is not None:
+            ev_eval["eval_move_to_train_move"] = moves
+        move_txt = ("" if moves is None else
+                    f"; an evaluation forward moves the codebook {moves:.3g}x as far as a training forward")
+        yield _Sub("eval_mutation", Severity.WARNING if plausible else Severity.INFO, 0.9 if plausible else 0.5,
+                   h.step,
+                   f"EMA buffers changed by eval/no-grad forwards ({h.rows} step(s), up to {h.worst:g}){move_txt}"
+                   + ("" if plausible else ": as little as training steps do, so it does not explain the codebook"),
+                   ev_eval,
                    "Call model.eval() (or quantizer.eval()) for evaluation passes so they do not update "
                    "the EMA statistics or replace codes from evaluation data.")
     if h := S.judge(q, "ema_lowp", lambda v: v >= 1, 1):
-        yield _Sub("lowp", Severity.WARNING, 0.8, h.step,
-                   "EMA buffers stored in float16/bfloat16 (updates round away, smoothing underflows)",
+        covered = _nonfinite_seen(q)  # non-finite names the float16 buffers in its fix
+        yield _Sub("lowp", Severity.INFO if covered else Severity.WARNING, 0.8, h.step,
+                   "EMA buffers stored in float16/bfloat16 (updates round away, smoothing underflows)"
+                   + ("; they already hold non-finite values (see non-finite)" if covered else ""),
                    {"ema_lowp": 1}, "Keep cluster_size, embed_avg and the codebook in float32 "
                    "(exclude the quantizer from .half() and autocast).")
     if h := S.judge(q, "ema_residual_max", lambda v: v >= p.residual_warn, k):
@@ -141,13 +236,17 @@ def _subs(q: QuantizerEvidence, world: float, p: Params) -> Iterator[_Sub]:
 
     if h := S.judge(q, "ema_count_sum_to_tokens", off, k):
         low = h.last < 1
-        yield _Sub("count_mass", Severity.WARNING, 0.5, h.step,
-                   f"EMA counts hold {h.last:.3g}x the tokens per step (world size {world:g})",
-                   {"ema_count_sum_to_tokens": h.last, "world_size": world},
-                   "Counts still warming up from zero without debiasing (sum = n(1-decay^t)): "
-                   "initialise them to ones or debias." if low else
-                   "Extra mass enters the counts: replacement resetting counts to a threshold, or "
-                   "evaluation forwards updating them; reset counts to a value below n/K.")
+        rep = S.qcol(q, "codes_replaced")
+        churn = (rep is not None and q.codebook_size > 0
+                 and float(rep.iloc[-20:].mean()) / q.codebook_size >= p.replaced_rate_mass)
+        if low or not churn:  # excess mass from codes reset every step is replacement-churn's signature
+            yield _Sub("count_mass", Severity.WARNING, 0.5, h.step,
+                       f"EMA counts hold {h.last:.3g}x the tokens per step (world size {world:g})",
+                       {"ema_count_sum_to_tokens": h.last, "world_size": world},
+                       "Counts still warming up from zero without debiasing (sum = n(1-decay^t)): "
+                       "initialise them to ones or debias." if low else
+                       "Extra mass enters the counts: replacement resetting counts to a threshold, or "
+                       "evaluation forwards updating them; reset counts to a value below n/K.")
 
 
 def _log(v: Any) -> Any:

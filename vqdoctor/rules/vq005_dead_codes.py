@@ -19,9 +19,16 @@ Fraction of dead codes `d`, `warning` from `warn_fraction` (0.25), `error` from
 `error_fraction` (0.5), from the first signal available:
 - Run: `dead_fraction` series (EMA counts), else `1 - usage_window`; rows where `window_tokens`
   < `min_tokens_per_code` (4) x K are skipped (too few vectors to hit every code).
-- Checkpoint: the larger of `dead_fraction` (EMA counts below 0.01 x `count_expected`: the
-  history) and `probe_dead_fraction` (the current codebook on real inputs, used when
-  `probe_tokens` >= `min_tokens_per_code` x K).
+- Checkpoint: the largest of `dead_fraction` (EMA counts below 0.01 x `count_expected`: the
+  history), the probe's dead share (the current codebook on real inputs, used when
+  `probe_tokens` >= `min_tokens_per_code` x K) counted against what a probe of n vectors can
+  reach, `1 - probe_usage_fraction / probe_usage_expected` (expected = 1 - (1 - 1/K)^n, 0.982
+  at n = 4K), and, for gradient-trained codebooks (`vq`, `gumbel`) read from two checkpoints,
+  `rows_unchanged_fraction` below 1 (rows with identical bits received no gradient in between,
+  so were never selected; 1 is a frozen codebook, VQ008; EMA rows move without being selected,
+  so EMA codebooks are judged by their counts). It counts codes unused over the interval:
+  checkpoints fewer than ~4K / n steps apart (n tokens per step) leave live codes untouched by
+  chance and overstate it.
 - Otherwise `optim_rows_no_grad_fraction` below 1 (gradient codebooks; 1 is a frozen codebook,
   VQ008).
 - FSQ: `1 - fsq_level_usage_min` (a dimension using u of its levels leaves at most u of the
@@ -31,7 +38,14 @@ With several checkpoints of one run, `dead_fraction_first` and `dead_fraction_de
 growth from the first checkpoint) go into the evidence and the message.
 Run mode: sustained `sustain_steps` (3) rows and still true at the end. Thresholds are
 fractions of K, and the count cut-off is relative to n/K, so they hold for any K and batch size.
-Confidence 0.9 counts/run, 0.75 probe, 0.6 optimizer state, FSQ and LFQ.
+Confidence 0.9 counts/run, 0.75 probe, 0.7 unchanged rows, 0.6 optimizer state, FSQ and LFQ.
+
+No evidence is not health: a checkpoint whose quantizer stores no usage (a gradient-trained
+codebook without counts or optimizer state, FSQ, LFQ), read alone and without a probe of
+`min_tokens_per_code` x K vectors, gets an `info` finding "code usage not measured" that says
+what would measure it (a probe, an earlier checkpoint). Info findings do not change the verdict,
+which covers what was measured; the note keeps "healthy" from being read as "dead codes ruled
+out".
 
 ## Fix
 1. Data-dependent init: k-means on encoder outputs (`kmeans_init=True`; encodec uses 50 iterations).
@@ -61,6 +75,9 @@ from vqdoctor.rules.base import Evidence, Finding, QuantizerEvidence, RuleSpec, 
 SPEC = RuleSpec(code="VQ005", id="dead-codes", title="Many codes never or rarely selected",
                 explains=("index-collapse",), doc=__doc__)
 
+# Codebooks moved by gradient steps (not EMA): a row no gradient reached keeps its exact bits.
+GRADIENT_KINDS = ("vq", "gumbel")
+
 
 @dataclass(frozen=True)
 class Params:
@@ -84,19 +101,36 @@ def _run_dead(q: QuantizerEvidence, p: Params) -> tuple[str, Any] | None:
     return "usage_window", 1 - u
 
 
+def _probe_dead(q: QuantizerEvidence, p: Params) -> float | None:
+    """Dead share by the probe, relative to what a probe of its size can reach; None when too small.
+
+    A probe of n vectors hits on average only `probe_usage_expected` = 1 - (1 - 1/K)^n of the
+    codes even when every code is equally likely (98.2% at the minimum n = 4K), so the codes the
+    probe leaves unused are counted against that reachable share: 1 - usage / expected.
+    """
+    if q.m("probe_tokens", 0) < p.min_tokens_per_code * q.codebook_size:
+        return None
+    if (usage := q.m("probe_usage_fraction")) is not None and (reach := q.m("probe_usage_expected")):
+        return max(0.0, 1.0 - usage / reach)
+    return q.m("probe_dead_fraction")
+
+
 def _dead(q: QuantizerEvidence, p: Params) -> tuple[str, float, int | None, float] | None:
     """(source, dead fraction, onset step, confidence) from the best available signal."""
-    K = q.codebook_size
     if (run := _run_dead(q, p)) is not None:
         source, s = run
         step = S.onset(s >= p.warn_fraction, p.sustain_steps) if len(s) else None
         return None if step is None else (source, float(s.iloc[-1]), step, 0.9)
-    # EMA counts (history) and a probe (the current codebook on real inputs) can disagree; the
-    # worse of the two is reported. Optimizer state, FSQ and LFQ signals are fallbacks.
+    # EMA counts (history), a probe (the current codebook on real inputs) and, for a
+    # gradient-trained codebook, the rows two checkpoints show untouched can disagree; the worse
+    # is reported. Optimizer state, FSQ and LFQ signals are fallbacks.
+    unchanged = q.m("rows_unchanged_fraction") if q.kind in GRADIENT_KINDS else None
     primary = [(d, c, src) for src, d, c in (
         ("dead_fraction", q.m("dead_fraction"), 0.9),
-        ("probe_dead_fraction", q.m("probe_dead_fraction")
-         if q.m("probe_tokens", 0) >= p.min_tokens_per_code * K else None, 0.75)) if d is not None]
+        ("probe_dead_fraction", _probe_dead(q, p), 0.75),
+        # 1 is a codebook that never moved at all: frozen-codebook's, not dead codes.
+        ("rows_unchanged_fraction", unchanged if unchanged is not None and unchanged < 1 else None, 0.7),
+    ) if d is not None]
     fallback = [("optim_rows_no_grad_fraction", q.m("optim_rows_no_grad_fraction")
                  if q.m("optim_rows_no_grad_fraction", 1.0) < 1 else None, 0.6)]
     if q.kind == "fsq" and (u := q.m("fsq_level_usage_min")) is not None:
@@ -109,6 +143,40 @@ def _dead(q: QuantizerEvidence, p: Params) -> tuple[str, float, int | None, floa
         return None
     d, conf, source = max(primary)
     return (source, d, None, conf) if d >= p.warn_fraction else None
+
+
+def _no_evidence(q: QuantizerEvidence, p: Params) -> Finding | None:
+    """An info finding when nothing measured says how many codes are in use (checkpoint mode).
+
+    No counts (gradient-trained codebooks, FSQ, LFQ store none), no probe large enough, no
+    optimizer moments, no second checkpoint: the report would otherwise read as healthy for want
+    of evidence. It stays an info finding (the verdict is about what was measured), and says what
+    would measure usage.
+    """
+    # `codebook_size` is measured for every quantizer the metrics saw: without it nothing was
+    # measured at all, and a rule stays silent on missing metrics.
+    if q.series is not None or q.m("codebook_size") is None:
+        return None
+    if q.m("dead_fraction") is not None or _probe_dead(q, p) is not None:
+        return None
+    if (q.kind in GRADIENT_KINDS and q.m("rows_unchanged_fraction") is not None) \
+            or q.m("optim_rows_no_grad_fraction") is not None:
+        return None
+    need = round(p.min_tokens_per_code * q.codebook_size)
+    n = q.m("probe_tokens")
+    what = {"fsq": "an FSQ quantizer stores no usage statistics",
+            "lfq": "an LFQ quantizer stores no usage statistics"}.get(
+        q.kind, "the codebook has no EMA counts (gradient-trained) and no optimizer state was found")
+    probe = (f"the probe's {n:,.0f} vectors are fewer than {p.min_tokens_per_code:g} x K = {need:,}"
+             if n is not None else "no probe was given")
+    return SPEC.finding(
+        severity=Severity.INFO, confidence=1.0, quantizer=q.name,
+        message=f"code usage not measured: {what}, and {probe}",
+        evidence={k: v for k, v in (("codebook_size", q.codebook_size), ("probe_tokens", n),
+                                    ("tokens_needed", need)) if v is not None},
+        fix=f"Pass encoder outputs (the quantizer's input, >= {need:,} vectors) with --probe, or an "
+            "earlier checkpoint of the same run before this one (rows a gradient-trained codebook "
+            "never moved were never selected).")
 
 
 def _fix(q: QuantizerEvidence) -> str:
@@ -136,22 +204,28 @@ def _fix(q: QuantizerEvidence) -> str:
 
 @rule(SPEC, Params)
 def check(ev: Evidence, p: Params) -> Iterator[Finding]:
-    """Yield one finding per quantizer with a dead fraction at or above `warn_fraction`."""
+    """Yield one finding per quantizer with a dead fraction at or above `warn_fraction` (info
+    when nothing measured usage)."""
     for q in ev.quantizers:
         found = _dead(q, p)
         if found is None:
+            if ev.source_kind == "checkpoint" and (note := _no_evidence(q, p)) is not None:
+                yield note
             continue
         source, d, step, conf = found
         K, exp = q.codebook_size, S.latest(q, "count_expected")
         evidence: dict[str, Any] = {"dead_fraction": d, "dead_codes": round(d * K),
                                     "codebook_size": K, "source": source}
         for k in ("count_expected", "dead_fraction_abs", "zero_row_fraction", "usage_window",
-                  "probe_tokens", "scale_ratio", "dead_fraction_first", "dead_fraction_delta"):
+                  "probe_tokens", "probe_usage_fraction", "probe_usage_expected", "rows_unchanged_fraction",
+                  "scale_ratio", "dead_fraction_first", "dead_fraction_delta"):
             if (v := S.latest(q, k)) is not None:
                 evidence[k] = v
         why = {"dead_fraction": f"; EMA counts below 1% of the expected {exp:.3g} per code"
                if exp else "", "usage_window": " over the usage window",
-               "probe_dead_fraction": " by the probe", "optim_rows_no_grad_fraction":
+               "probe_dead_fraction": " by the probe", "rows_unchanged_fraction":
+               " (rows unchanged since the first checkpoint: never selected in between)",
+               "optim_rows_no_grad_fraction":
                " (rows that never received a gradient)", "fsq_level_usage_min":
                " (FSQ levels unused)", "lfq_bit_balance_min": " (an LFQ bit is stuck)"}[source]
         first = q.m("dead_fraction_first")

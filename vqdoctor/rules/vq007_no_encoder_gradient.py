@@ -12,17 +12,36 @@ it learns to sit on the codes it already hits, never to carry information, and u
 The loss still falls through the decoder, so nothing looks broken until evaluation.
 
 ## Signals and thresholds
-- `st_grad_ratio` = |grad at quantizer input| / |grad at its output| (straight-through: ~1):
-  `error` when <= `zero_ratio` (1e-6, nothing passes); `warning` when <= `low_ratio` (0.01):
-  attenuated, e.g. the rotation trick rescales by ||e||/||z||, so a scale mismatch shrinks it.
-- `st_grad_cos` (cosine of those two gradients; ~1 for plain STE, positive for the rotation
-  trick): `warning` when |cos| <= `low_cos` (0.1): the input gradient is unrelated to the task
-  gradient (only the commitment term reaches the encoder).
-- run-wide `grad_norm_encoder` / `grad_norm_decoder` <= `encoder_to_decoder_zero` (1e-6) while
-  the decoder gradient is > 0: `error`.
+- `st_grad_ratio` = |grad at quantizer input| / |grad at its output|: `error` when <=
+  `zero_ratio` (1e-6): nothing passes, whatever sits inside the module. A quantizer whose input
+  does not require grad while an encoder that should learn (parameters requiring grad, in a
+  stepping optimizer) sits before it records ratio 0 (`st_input_no_grad`): `vq(z.detach())`.
+- Where input and output share the code space (`st_code_space` = 1: a VQ / VQ-EMA module with
+  no projection or other learned map inside, not an earlier stage of a residual group), the
+  input gradient is the output gradient passed through (plain straight-through: identical;
+  rotation trick: rotated and scaled by ||e||/||z||) plus the commitment term, which points
+  along z - q. `st_grad_task_ratio` = |input gradient without its component along z - q| /
+  |output gradient|: ~1 for plain straight-through, 0.2-1 with the rotation trick, exactly 0
+  (float noise, < 1e-5) when only the commitment term reaches the input. Broken (`error`) when
+  it is <= `low_task_ratio` (0.01) *and* `st_grad_passthrough` = <g_in, g_out> / |g_out|^2 <=
+  `low_passthrough` (0.5): a quantizer returning `q` read task ratio 0, passthrough -0.14 ->
+  -0.003, cosine -0.75 -> -0.2. The cosine alone does not decide: the rotation trick turns it
+  to ~0 when inputs sit far from their codes (lucidrains' default, measured 0.06 on a healthy
+  path). `warning` when the ratio is <= `low_ratio` (0.01) with the task part intact:
+  attenuated, e.g. the rotation trick under a scale mismatch.
+- Elsewhere (FSQ / LFQ bounds, Gumbel-softmax, DAC in_proj / out_proj, lucidrains project_in /
+  project_out, encodec's earlier residual stages) cosine and ratio are not compared: gradients
+  at the two ends live in different coordinates, and healthy runs read cosine -0.06 to 0.07
+  with ratios 0.4 to 14 there.
+- Run-wide `grad_norm_encoder` / `grad_norm_decoder` <= `encoder_to_decoder_zero` (1e-6) while
+  the decoder gradient is > 0 (encoder parameters in a stepping optimizer whose `.grad` stays
+  None read 0): `error`, unless a quantizer shows an intact passthrough (ratio > `zero_ratio`,
+  and passthrough > `low_passthrough` where compared): then the straight-through path works and
+  the encoder kills its own gradient (a saturated sigmoid/tanh head: an index-collapse story).
 Rows with no gradient at the output are not measured. Conditions must hold `sustain_steps` (5)
 recorded rows and still hold at the end (the commitment term can dominate briefly early on).
-Confidence 0.9 for a zero ratio or a zero encoder gradient, 0.6 attenuated, 0.5 cosine.
+Confidence 0.9 for a zero ratio or a zero encoder gradient, 0.8 commitment-only input
+gradient, 0.6 attenuated.
 
 ## Fix
 1. Return `z_q = z + (q - z).detach()` from the quantizer (not `q`, not `q.detach()`), or use
@@ -43,7 +62,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vqdoctor.rules import _series as S
-from vqdoctor.rules.base import Evidence, Finding, RuleSpec, Severity, rule
+from vqdoctor.rules.base import Evidence, Finding, QuantizerEvidence, RuleSpec, Severity, rule
 
 SPEC = RuleSpec(code="VQ007", id="no-encoder-gradient",
                 title="Straight-through path broken: task gradient does not reach the encoder",
@@ -59,9 +78,25 @@ class Params:
 
     zero_ratio: float = 1e-6
     low_ratio: float = 0.01
-    low_cos: float = 0.1
+    low_task_ratio: float = 0.01
+    low_passthrough: float = 0.5
     encoder_to_decoder_zero: float = 1e-6
     sustain_steps: int = 5
+
+
+def _code_space(q: QuantizerEvidence) -> bool:
+    v = S.latest(q, "st_code_space")
+    return v is not None and v >= 1
+
+
+def _intact(q: QuantizerEvidence, p: Params) -> bool:
+    """The quantizer passes the task gradient (latest rows), as far as it was measured."""
+    ratio = S.latest(q, "st_grad_ratio")
+    if ratio is None or ratio <= p.zero_ratio:
+        return False
+    if _code_space(q) and (pt := S.latest(q, "st_grad_passthrough")) is not None:
+        return pt > p.low_passthrough
+    return True
 
 
 @rule(SPEC, Params)
@@ -71,30 +106,45 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
     for q in ev.quantizers:
         if q.series is None:
             continue
-        ratio, cos = S.qcol(q, "st_grad_ratio"), S.qcol(q, "st_grad_cos")
+        ratio, cos, pt = S.qcol(q, "st_grad_ratio"), S.qcol(q, "st_grad_cos"), S.qcol(q, "st_grad_passthrough")
+        space = _code_space(q)
+        h = None
         if h := S.judge(q, "st_grad_ratio", lambda v: v <= p.zero_ratio, k):
             sev, conf, fix = Severity.ERROR, 0.9, _FIX
-            msg = f"no gradient passes the quantizer: input/output gradient ratio {h.last:.2g}"
-        elif h := S.judge(q, "st_grad_ratio", lambda v: v <= p.low_ratio, k):
+            if S.latest(q, "st_input_no_grad") == 1:
+                msg = ("the quantizer's input does not require grad: the encoder output is detached "
+                       "before it, so the encoder gets no task gradient")
+                fix = "Do not detach the encoder output before the quantizer (vq(z), not vq(z.detach())); " + _FIX
+            else:
+                msg = f"no gradient passes the quantizer: input/output gradient ratio {h.last:.2g}"
+        elif space and (h := _judge_broken(q, p, k)):
+            sev, conf, fix = Severity.ERROR, 0.8, _FIX
+            msg = (f"straight-through path broken: the gradient at the quantizer's input is the commitment "
+                   f"term only (the rest is {h.last:.2g}x the output gradient; passthrough "
+                   f"{float(pt.iloc[-1]) if pt is not None else float('nan'):.2g})")
+        elif space and (h := S.judge(q, "st_grad_ratio", lambda v: v <= p.low_ratio, k)):
             sev, conf = Severity.WARNING, 0.6
             msg = f"gradient through the quantizer attenuated to {h.last:.2g}x"
             fix = ("A gradient scale or stop in the straight-through path, or the rotation trick "
                    "rescaling by ||e||/||z|| under a scale mismatch: fix the scales; " + _FIX)
-        elif h := S.judge(q, "st_grad_cos", lambda v: abs(v) <= p.low_cos, k):
-            sev, conf, fix = Severity.WARNING, 0.5, _FIX
-            msg = (f"gradient at the quantizer input unrelated to the task gradient "
-                   f"(cosine {h.last:.2f}): only the commitment term reaches the encoder")
         else:
             continue
         found = True
+        task = S.qcol(q, "st_grad_task_ratio")
         evidence = {"st_grad_ratio": None if ratio is None else float(ratio.iloc[-1]),
-                    "st_grad_cos": None if cos is None else float(cos.iloc[-1])}
+                    "st_grad_task_ratio": None if task is None else float(task.iloc[-1]),
+                    "st_grad_cos": None if cos is None else float(cos.iloc[-1]),
+                    "st_grad_passthrough": None if pt is None else float(pt.iloc[-1]),
+                    "st_code_space": 1.0 if space else 0.0,
+                    "st_input_no_grad": S.latest(q, "st_input_no_grad")}
         yield SPEC.finding(severity=sev, confidence=conf, quantizer=q.name, step=h.step,
                            message=msg, fix=fix,
                            evidence={k: v for k, v in evidence.items() if v is not None})
     f = S.frame(ev.run_series, ["grad_norm_encoder", "grad_norm_decoder"])
     if found or f is None:
         return
+    if any(_intact(q, p) for q in ev.quantizers):
+        return  # the quantizers pass the gradient: the encoder stops it itself (saturation)
     enc, dec = f["grad_norm_encoder"], f["grad_norm_decoder"]
     step = S.onset((dec > 0) & (enc <= p.encoder_to_decoder_zero * dec), k)
     if step is not None:
@@ -104,3 +154,18 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
                     f"{dec.iloc[-1]:.3g}",
             evidence={"grad_norm_encoder": float(enc.iloc[-1]), "grad_norm_decoder": float(dec.iloc[-1])},
             fix=_FIX)
+
+
+def _judge_broken(q: QuantizerEvidence, p: Params, k: int) -> S.Hit | None:
+    """Only the commitment term at the input, sustained and at the end (rows measuring both)."""
+    both = S.where(q.series, ["st_grad_task_ratio", "st_grad_passthrough"],
+                   lambda task, pt: (task <= p.low_task_ratio) & (pt <= p.low_passthrough))
+    if both is None:
+        return None
+    start = S.onset(both, k)
+    if start is None:
+        return None
+    task = S.qcol(q, "st_grad_task_ratio")
+    assert task is not None
+    return S.Hit(step=start, last=float(task.iloc[-1]), worst=float(S.after(task, start).min()),
+                 rows=int(both.sum()))

@@ -4,7 +4,10 @@
 Two kinds of wasted capacity in a stored codebook:
 1. **duplicates**: codes closer to another code than 1% of the median inter-code distance.
    Rows collapsed to ~0 (dead EMA codes drifting to the origin) are all duplicates of each
-   other; they are subtracted here and left to `dead-codes`.
+   other; they are subtracted here and left to `dead-codes`. With EMA counts the metric already
+   needs a *live* code as the other code: dead rows that are still shrinking towards the origin
+   together (above the ~0 cut-off) are dead codes, not redundant ones, while a dead row on top of
+   a live one counts (it is the wasted copy).
 2. **dimensional collapse**: the codebook's effective rank (exp of the entropy of its
    normalised singular values) a tiny fraction of min(K, D).
 
@@ -16,7 +19,8 @@ whatever K, and raised it to 17-19 with an autoencoder warm-up (rFID -17 to -35%
 
 ## Signals and thresholds
 - `duplicate_fraction` - `zero_row_fraction`: `warning` from `duplicate_warn` (0.05), `error`
-  from `duplicate_error` (0.25).
+  from `duplicate_error` (0.25). With EMA counts, duplicates of dead rows among themselves are
+  not counted (`metrics.names`: duplicate_fraction).
 - `effective_rank_fraction` (= `effective_rank` / min(K, D)) <= `effective_rank_warn` (0.05):
   `warning` only (data on a low-dimensional manifold can justify a low rank), confidence 0.5.
 Run: the same names per step, sustained `sustain_steps` (3) rows and true at the end.

@@ -19,6 +19,11 @@ while they are not ("Codebook expiration does not take effect at all").
   `replace_threshold_to_expected` (threshold / (n/K)) >= `threshold_rel_warn` (1.0) alone is a
   `warning`: at uniform usage half of the codes fall under it every step.
 - Run: `codes_replaced` / K averaged over `window` (20) rows against the same churn levels.
+  The recorder counts the rows replaced within one training forward of each cadence step (a
+  row that jumped, a row no input chose that moved, or a count reset upward, which an EMA update
+  cannot do), not rows that differ between cadence snapshots: a code reset every step is
+  counted once per step (512 of 512 in the zoo's churn scenario, where snapshots saw ~300).
+  The excess EMA count mass such resets inject is not also reported as ema-divergence.
 - Run, ineffective: codes replaced in the window (`codes_replaced` > 0), while the dead fraction
   (`dead_fraction`, else 1 - `usage_window`) stays >= `dead_warn` (0.25) and has not fallen by
   `min_dead_drop` (10%, relative) over the `window`; `error` from `dead_error` (0.5).

@@ -16,8 +16,10 @@ espnet PR #6284 (broadcasting rank 0 instead of all-reducing) are this bug.
 - `rank_codebook_max_diff` = max |e_rank_i - e_rank_0| / `code_norm_median`: `warning` from
   `warn_diff` (1e-4; all-reduced copies are identical up to float rounding), `error` from
   `error_diff` (1e-2, codes visibly different).
-- Run: the same name per step; onset = first row above `warn_diff`, held `sustain_steps` (2)
-  rows; severity from the largest value since.
+- Run: the same name per cadence step (each rank fingerprints its codebook, a few sampled rows
+  and block sums, every `stats_every` steps on the device, compared across ranks offline), so
+  the onset is within two cadence steps of the first divergence; onset = first row above
+  `warn_diff`, held `sustain_steps` (2) rows; severity from the largest value since.
 Confidence 0.9 (a direct comparison; 0.7 below `error_diff`, where ranks saved at different
 steps could explain it).
 

@@ -8,19 +8,27 @@ What runs when (per quantizer; K codes, H heads, F = flush_every, C = stats_ever
   `torch.remainder` (folds -1 / out-of-range indices into a junk bin, so a bad index can never
   trigger a device-side assert) and one `scatter_add_`: **2 kernels** (+1 to offset heads,
   +1 to widen int32 indices). The slot index is a Python int: no synchronisation.
-- **Every C steps** (cadence; first training forward of the step): median ||z_e|| over the first
-  `SAMPLE_ROWS` input vectors (deterministic; never consumes RNG), median code norm,
-  relative quantization error, non-finite counts of input / output / quantizer buffers, EMA
-  drift (distance to the codebook snapshot of the previous cadence step, rows that jumped =
-  replaced codes), the sum of the EMA counts; all written into the device row
-  `stats[step % F]` with one copy. Straight-through: `Tensor.register_hook` on the module's
-  quantized output and on its input record |g_out|, |g_in| and <g_in, g_out> during backward.
-  In the optimizer pre-step hook: gradient norms of encoder-side, quantizer and decoder-side
-  parameters with `torch._foreach_norm`, and of each codebook Parameter.
+- **Every C steps** (cadence; first training forward of the step): the forward pre-hook copies
+  the codebook and counts into persistent buffers; after the forward, median ||z_e|| and the
+  input spread over the first `SAMPLE_ROWS` input vectors (deterministic; never consumes RNG),
+  median code norm, largest row norm and rows above BLOWUP_FACTOR x the median (blow-ups),
+  relative quantization error, non-finite counts of input / output / quantizer buffers, the
+  codebook's change across this forward and the rows it replaced (compared with the pre-hook
+  copy and the step's hits), EMA drift (distance to the snapshot of the previous cadence step),
+  the sum of the EMA counts, and (several ranks) a fingerprint of the codebook; all written
+  into the device rows `stats[step % F]` / `fp[step % F]`. Straight-through:
+  `Tensor.register_hook` on the module's quantized output and on its input record |g_out|,
+  |g_in|, <g_in, g_out> and, where the two live in the code space (`_st_layout`), <g_in, z - q>
+  and |z - q|^2 (the commitment term's direction) during backward; an input that does not
+  require grad is flagged instead. In the optimizer pre-step hook: gradient norms of
+  encoder-side, quantizer and decoder-side parameters with `torch._foreach_norm` (0 for a side
+  whose optimizer-held parameters got no gradient while another side did), and of each
+  codebook Parameter.
 - **Every forward in eval mode or under no_grad**: quantizer buffers are compared before and
   after the forward (Python version counters and object identity, plus a device comparison
   against a snapshot because libraries update buffers through `.data`, which bypasses version
-  counters) and changed forwards are counted (`eval_mutation`). Not counted as usage.
+  counters) and changed forwards are counted (`eval_mutation`), with how far they moved the
+  codebook (`eval_codebook_rms_change`). Not counted as usage.
 - **`doctor.step(loss=...)`**: the loss is copied into the device row `run[step % F]`
   (`copy_`, no `.item()`); a Python float is kept on the host.
 - **Every F steps** (flush): one device->host copy of the single flat buffer holding all of the
@@ -31,6 +39,9 @@ What runs when (per quantizer; K codes, H heads, F = flush_every, C = stats_ever
 Nothing in the per-step or cadence paths reads a tensor value on the host (`.item()`,
 `.cpu()`, `.tolist()`, `bool(t)`), or creates a data-dependent shape (`unique`, `nonzero`,
 boolean masks): every result stays a device tensor of fixed shape until the flush.
+
+The code indices are the first integer tensor of the module's output, or the argmax of a float
+`[..., K]` assignment tensor (one-hot encodings) when it returns none.
 
 The step clock: when the user calls `doctor.step()`, that call is the clock. Otherwise an
 optimizer step (global `register_optimizer_step_post_hook`) of an optimizer holding model
@@ -65,7 +76,7 @@ SAMPLE_ROWS = 4096
 FP_ROWS = 8
 FP_BLOCKS = 16
 # A codebook row "jumped" (was replaced) when it moved by more than this x the median code norm
-# between two cadence snapshots.
+# in one training forward (or, chosen by no input of the step, by this x its own norm).
 JUMP_REL = 0.5
 
 # Input rows compared with every code for the nearest-code distance, and codes (evenly spaced,
@@ -73,11 +84,27 @@ JUMP_REL = 0.5
 NN_ROWS = 256
 SPACING_CODES = 128
 
+# A row is "blown up" when its norm exceeds this x the (usage-weighted) median code norm, as the
+# checkpoint metric `blowup_rows` counts (metrics.codebook.BLOWUP_FACTOR).
+BLOWUP_FACTOR = 100.0
+# The median code norm is no reference for blow-ups when it is this small relative to the median
+# of all rows: the codes in use sit at ~0 (an encoder output that is exactly 0 makes the origin
+# the only live code), and every other row would read as blown up by 1e10.
+NEAR_ZERO_REF = 1e-6
+# A count that rises by more than this (relative) above max(count before, hits this step) in one
+# forward was reset, not averaged: an EMA update lies between the two.
+COUNT_RESET_REL = 1e-4
+
 # per-quantizer cadence columns; the forward-time block [0, N_FWD) is written with one copy
-Z_NORM, CODE_NORM, QERR, NF_IN, NF_OUT, NF_BUF, DRIFT_NORM, JUMPED, COUNT_SUM, NEAREST, SPACING = range(11)
-N_FWD = 11
-ST_GOUT, ST_GIN, ST_DOT, GN_CB = 11, 12, 13, 14
-NST = 15
+(Z_NORM, CODE_NORM, QERR, NF_IN, NF_OUT, NF_BUF, DRIFT_NORM, JUMPED, COUNT_SUM, NEAREST, SPACING,
+ CODE_MAX, BLOWUP_N, FWD_CHANGE, Z_SPREAD) = range(15)
+N_FWD = 15
+ST_GOUT, ST_GIN, ST_DOT, GN_CB, ST_NOGRAD_IN, ST_DOT_R, ST_RR = 15, 16, 17, 18, 19, 20, 21
+NST = 22
+# eval-mutation columns (per quantizer and slot, zero-reset): changed forwards, sum of their
+# codebook RMS changes
+EVM_COUNT, EVM_CHANGE = 0, 1
+NEVM = 2
 # run-wide columns
 LOSS, GN_ENC, GN_DEC, GN_QUANT, NF_GRAD = range(5)
 NRUN = 5
@@ -179,13 +206,14 @@ class _Arena:
     """One flat float32 device buffer holding every slot buffer, so a flush is one copy.
 
     Layout: [counts of all quantizers | eval-mutation counters] (reset to 0), then
-    [run rows | stats rows of all quantizers | fingerprints] (reset to NaN).
+    [run rows | stats rows of all quantizers | fingerprint rows] (reset to NaN). Fingerprints
+    are taken at cadence steps, one row per slot, so ranks are compared at the cadence.
     """
 
     def __init__(self, device: torch.device, F: int, widths: list[int], fp_sizes: list[int]):
         nq = len(widths)
-        n_zero = sum(F * w for w in widths) + nq * F
-        n_nan = F * NRUN + nq * F * NST + sum(fp_sizes)
+        n_zero = sum(F * w for w in widths) + nq * F * NEVM
+        n_nan = F * NRUN + nq * F * NST + sum(F * n for n in fp_sizes)
         self.n_zero = n_zero
         self.buf = torch.zeros(n_zero + n_nan, dtype=torch.float32, device=device)
         self.buf[n_zero:].fill_(float("nan"))
@@ -196,8 +224,8 @@ class _Arena:
             off += F * w
         self.evalmut: list[torch.Tensor] = []
         for _ in widths:
-            self.evalmut.append(self.buf[off: off + F])
-            off += F
+            self.evalmut.append(self.buf[off: off + F * NEVM].view(F, NEVM))
+            off += F * NEVM
         self.run = self.buf[off: off + F * NRUN].view(F, NRUN)
         off += F * NRUN
         self.stats: list[torch.Tensor] = []
@@ -206,15 +234,15 @@ class _Arena:
             off += F * NST
         self.fp: list[torch.Tensor] = []
         for n in fp_sizes:
-            self.fp.append(self.buf[off: off + n])
-            off += n
+            self.fp.append(self.buf[off: off + F * n].view(F, n))
+            off += F * n
         # per-slot views made once: indexing a tensor costs microseconds of Python per step
         self.count_rows = [list(c.unbind(0)) for c in self.counts]
         self.loss_cells = list(self.run[:, LOSS].unbind(0))
 
     def _row_views(self, r: int) -> list[torch.Tensor]:
-        return ([c[r] for c in self.counts] + [e[r: r + 1] for e in self.evalmut] + [self.run[r]]
-                + [st[r] for st in self.stats])
+        return ([c[r] for c in self.counts] + [e[r] for e in self.evalmut] + [self.run[r]]
+                + [st[r] for st in self.stats] + [f[r] for f in self.fp])
 
     def rows(self, r: int) -> list[torch.Tensor]:
         """Copies of every slot row `r` (to carry an unfinished step across a flush)."""
@@ -242,6 +270,7 @@ class _QProbe:
         self.H = max(1, q.index_heads)
         self.width = self.H * self.Kp
         self.idx_path: tuple | None = None
+        self.idx_onehot = False
         self.q_path: tuple | None = None
         self.in_path: tuple | None = None
         self.cadence_step = -1
@@ -249,6 +278,7 @@ class _QProbe:
         self.snap_step: int | None = None
         self.dsteps: dict[int, int] = {}        # cadence step -> steps since previous snapshot
         self.cadence_steps: set[int] = set()
+        self.cadence_seen = False
         self.host_evalmut: dict[int, int] = {}
         self.eval_before: tuple[list, list[torch.Tensor | None]] | None = None
         self.offsets: torch.Tensor | None = None
@@ -258,35 +288,62 @@ class _QProbe:
         self.hist_first: int | None = None
         self.latest_window: np.ndarray | None = None
         self.project = _functional_projection(q.project_in)
-        self.project_ok = q.project_in is None or self.project is not None
+        # the layout read from the state dict knows input projections the live module may keep
+        # under other names (DAC's in_proj): without a module to apply, inputs are not in code space
+        self.project_ok = (q.project_in is None and q.state.project_in is None) or self.project is not None
         self.fp_rows: list[int] = []
         cb = q.codebook()
         self.fp_size = 0
+        self.fp_step = 1.0
         if cb is not None and rec.world_size > 1:
             n = cb.shape[0] * cb.shape[1]
-            self.fp_rows = sorted({round(j * (n - 1) / max(FP_ROWS - 1, 1)) for j in range(FP_ROWS)})
+            m = min(FP_ROWS, n)
+            self.fp_step = (n - 1) / max(m - 1, 1)
+            self.fp_rows = [round(j * self.fp_step) for j in range(m)]  # distinct: fp_step >= 1
             self.fp_size = len(self.fp_rows) * cb.shape[-1] + FP_BLOCKS
         self.fp_index: torch.Tensor | None = None
         self.spacing_index: torch.Tensor | None = None
         self.cf: bool | None = None
         self.layout_known = False
         self.spacing_pairs: torch.Tensor | None = None
+        # codebook and counts just before the cadence step's training forward (persistent buffers)
+        self.pre_cb: torch.Tensor | None = None
+        self.pre_counts: torch.Tensor | None = None
+        self.pre_step: int | None = None
+        self.eval_cb: torch.Tensor | None = None
+        # straight-through comparison: set by the recorder once every probe exists (`_st_layout`)
+        self.st_code_space = False
+        self.st_first_stage = True
 
     # ---------------------------------------------------------------- per forward (training)
 
-    def count(self, output: Any) -> None:
-        """Count code indices of one training forward: remainder + scatter_add_ (2 kernels)."""
+    def count(self, output: Any, args: tuple = (), kwargs: dict | None = None) -> None:
+        """Count code indices of one training forward: remainder + scatter_add_ (2 kernels).
+
+        The indices are the first integer tensor of the output; failing that, a float
+        assignment tensor `[..., K]` (one-hot encodings, as the zalando / Sonnet-style modules
+        return, or soft assignments) is read by its argmax (+1 kernel).
+        """
         rec = self.rec
         if self.q.indices is not None:
             idx = self.q.indices(output)
         else:
             idx = follow(output, self.idx_path) if self.idx_path is not None else None
+            if self.idx_onehot:
+                idx = idx.argmax(-1) if isinstance(idx, torch.Tensor) and self._is_assignment(idx, None) else None
             if not isinstance(idx, torch.Tensor) or not _is_index(idx):
                 hit = find_tensor(output, _is_index)
+                self.idx_onehot = False
+                if hit is None:
+                    x = self._input(args, kwargs or {})
+                    hit = find_tensor(output, lambda t: self._is_assignment(t, x))
+                    self.idx_onehot = hit is not None
                 if hit is None:
                     raise RuntimeError("no integer code indices found in the quantizer's output "
                                        "(register an adapter with an `indices` reader)")
                 idx, self.idx_path = hit
+                if self.idx_onehot:
+                    idx = idx.argmax(-1)
         if idx is None:
             return
         if idx.device != rec.device:
@@ -303,6 +360,11 @@ class _QProbe:
             idx = idx + self.offsets
         flat = idx.reshape(-1)
         rec.arena.count_rows[self.i][rec.slot].scatter_add_(0, flat, rec.one.expand(flat.shape[0]))
+
+    def _is_assignment(self, t: torch.Tensor, x: torch.Tensor | None) -> bool:
+        """A float `[..., K]` tensor that can only be per-vector code assignments (one head)."""
+        return (self.H == 1 and t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == self.K
+                and self.K > 1 and (x is None or t.shape != x.shape))
 
     # ---------------------------------------------------------------- cadence (forward)
 
@@ -384,6 +446,8 @@ class _QProbe:
         zs: torch.Tensor | None = None
         if x is not None and not self.layout_known:
             idx = follow(output, self.idx_path) if self.idx_path is not None else None
+            if self.idx_onehot and isinstance(idx, torch.Tensor) and idx.dim():
+                idx = idx[..., 0]  # only the shape is read: the vectors' axes, without the K axis
             self._layout(x, idx if isinstance(idx, torch.Tensor) else None)
         xs = self._rows(x) if x is not None else None
         if xs is not None:
@@ -393,9 +457,16 @@ class _QProbe:
             elif not self.project_ok:
                 zs = None
             if zs is not None and D and zs.shape[-1] != D:
-                zs = zs.reshape(-1, D) if zs.shape[-1] % D == 0 else None
+                # head slices (lucidrains `heads`); any other width is a map we cannot apply
+                heads = max(1, int(self.q.state.input_heads or 1))
+                zs = zs.reshape(-1, D) if heads > 1 and zs.shape[-1] == heads * D else None
             if zs is not None:
                 vals[Z_NORM] = torch.linalg.vector_norm(zs, dim=-1).median()
+                vals[Z_SPREAD] = _input_spread(zs, self.q.state.metric == "cosine")
+            else:
+                # before an input map we cannot evaluate (DAC's in_proj, a Gumbel head): the
+                # module's own input vectors; a collapsed input is collapsed on either side
+                vals[Z_SPREAD] = _input_spread(xs, False)
             if qt is not None:
                 qs = self._rows(qt)
                 if qs is not None and qs.shape == xs.shape:
@@ -410,22 +481,28 @@ class _QProbe:
         counts = self.q.counts()
         if cb is not None:
             cbd = cb.detach()
-            code_med = _code_norm_median(cbd, None if counts is None else counts.detach())
+            cnt = None if counts is None else counts.detach()
+            norms = torch.linalg.vector_norm(cbd.float(), dim=-1)                 # [H, K]
+            code_med = _code_norm_median(cbd, cnt, norms)
             vals[CODE_NORM] = code_med
+            vals[CODE_MAX], vals[BLOWUP_N] = _blowup(norms, code_med, vals[Z_NORM], nan)
             if zs is not None and zs.shape[-1] == cbd.shape[-1]:
                 geo = self._geometry(zs, cbd.float())
                 if geo is not None:
                     vals[NEAREST], vals[SPACING], vals[QERR] = geo
+            if self.pre_cb is not None and self.pre_step == step and self.pre_cb.shape == cbd.shape:
+                vals[FWD_CHANGE], jumped = self._forward_change(cbd, cnt, code_med)
+                if jumped is not None:
+                    vals[JUMPED] = jumped
             if self.snap is not None and self.snap.shape == cbd.shape:
-                diff = cbd.float() - self.snap.float()
-                vals[DRIFT_NORM] = torch.linalg.vector_norm(diff)
-                moved = torch.linalg.vector_norm(diff, dim=-1)
-                vals[JUMPED] = (moved > JUMP_REL * code_med).sum(dtype=torch.float32)
+                vals[DRIFT_NORM] = torch.linalg.vector_norm(cbd.float() - self.snap.float())
                 self.dsteps[step] = step - (self.snap_step if self.snap_step is not None else step)
                 self.snap.copy_(cbd)
             else:
                 self.snap = cbd.clone()
             self.snap_step = step
+            if self.fp_size:
+                self._fingerprint(cbd)
         bufs = self.rec.buffers_of[self.i]
         if bufs:
             total = sum(b.numel() for b in bufs)
@@ -437,9 +514,90 @@ class _QProbe:
         row[:N_FWD].copy_(torch.stack([v.reshape(()).to(torch.float32) if isinstance(v, torch.Tensor)
                                        else torch.full((), float(v), device=rec.device) for v in vals]))
         self.cadence_steps.add(step)
-        # straight-through passthrough: gradient hooks on this forward's output and input
-        if "st" not in rec.disabled_for(self) and qt is not None and qt.requires_grad:
-            self._st_hooks(x, qt, rec.slot, rec.interval)
+        self.cadence_seen = True
+        # straight-through passthrough: gradient hooks on this forward's output and input. An
+        # input that does not require grad (the encoder output was detached, or no encoder) is
+        # flagged; the flush decides whether an encoder that should learn is behind it.
+        if "st" not in rec.disabled_for(self) and x is not None:
+            if not x.requires_grad:
+                if self.st_first_stage:
+                    row[ST_NOGRAD_IN].fill_(1.0)
+            elif qt is not None and qt.requires_grad:
+                self._st_hooks(x, qt, rec.slot, rec.interval)
+
+    def pre_snapshot(self, step: int) -> None:
+        """Codebook and counts just before the cadence step's training forward (two copies)."""
+        cb = self.q.codebook()
+        if cb is None:
+            return
+        cbd = cb.detach()
+        if self.pre_cb is None or self.pre_cb.shape != cbd.shape or self.pre_cb.device != cbd.device:
+            self.pre_cb = cbd.float().clone()
+        else:
+            self.pre_cb.copy_(cbd)
+        counts = self.q.counts()
+        if counts is None or not counts.is_floating_point():
+            self.pre_counts = None
+        elif self.pre_counts is None or self.pre_counts.shape != counts.shape or self.pre_counts.device != counts.device:
+            self.pre_counts = counts.detach().float().clone()
+        else:
+            self.pre_counts.copy_(counts.detach())
+        self.pre_step = step
+
+    def _forward_change(self, cbd: torch.Tensor, cnt: torch.Tensor | None, code_med: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(|change|_F of the codebook across this forward, rows replaced in it or None).
+
+        Replacement is only counted for quantizers that replace codes (`q.replaces`). A row was
+        replaced when it moved by more than JUMP_REL x the median code norm; or, being chosen by
+        no input of the step, by more than JUMP_REL x its own norm; or when it moved at all while
+        its count rose above both its count before the forward and its hits in this step. An EMA
+        update `N' = d N + (1 - d) hits` does none of these (lucidrains resets a replaced code's
+        count to the threshold, which a dead code's EMA never reaches). The tests that use this
+        step's hits are skipped with several ranks, whose all-reduced hits this rank cannot see.
+        """
+        assert self.pre_cb is not None
+        moved = torch.linalg.vector_norm(cbd.float() - self.pre_cb, dim=-1)          # [H, K]
+        change = torch.linalg.vector_norm(moved)
+        if not self.q.replaces or not self.cadence_seen:
+            # the first training forward seen also runs lazy data-dependent inits (k-means),
+            # which rewrite every row and its count: not replacements
+            return change, None
+        jumped = moved > JUMP_REL * code_med
+        Hc, K = moved.shape
+        hits: torch.Tensor | None = None
+        if self.rec.world_size == 1:
+            hits = self.rec.arena.count_rows[self.i][self.rec.slot].view(self.H, self.Kp)[:, :K]
+            if hits.shape[0] != Hc:
+                hits = hits.sum(0, keepdim=True) if Hc == 1 else None
+        if hits is not None:
+            # a code no input chose keeps its row under an EMA update (up to smoothing, a relative
+            # change of at most 1 - decay): a jump of half its own length is a new vector
+            pre_norm = torch.linalg.vector_norm(self.pre_cb, dim=-1)
+            jumped = jumped | ((hits == 0) & (moved > JUMP_REL * pre_norm))
+            pre = self.pre_counts
+            if cnt is not None and pre is not None and pre.shape == cnt.shape == moved.shape:
+                bound = torch.maximum(pre, hits.to(pre.dtype))
+                reset = (cnt.float() > bound * (1 + COUNT_RESET_REL) + 1e-12) & (moved > 0)
+                jumped = jumped | reset
+        return change, jumped.sum(dtype=torch.float32)
+
+    def _fingerprint(self, cbd: torch.Tensor) -> None:
+        """Sampled rows and block sums of the codebook into this slot's fingerprint row."""
+        rec = self.rec
+        flat = cbd.float().reshape(-1, cbd.shape[-1])
+        if self.fp_index is None or self.fp_index.device != flat.device:
+            # built on the device by arithmetic (a host->device copy of the list would synchronise),
+            # with the same float64 expression that gave `fp_rows` on the host
+            m = len(self.fp_rows)
+            self.fp_index = (torch.arange(m, device=flat.device, dtype=torch.float64) * self.fp_step).round().long()
+        rows = flat.index_select(0, self.fp_index).reshape(-1)
+        v = flat.reshape(-1)
+        mb = v.numel() // FP_BLOCKS
+        blocks = v[: mb * FP_BLOCKS].view(FP_BLOCKS, mb).sum(1) if mb else torch.zeros(FP_BLOCKS, device=v.device)
+        out = rec.arena.fp[self.i][rec.slot]
+        if out.numel() == rows.numel() + FP_BLOCKS:
+            out.copy_(torch.cat([rows, blocks]).to(rec.device))
 
     def _geometry(self, zs: torch.Tensor, cb: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -476,15 +634,24 @@ class _QProbe:
         grads: dict[str, torch.Tensor] = {}
         row = rec.arena.stats[self.i][slot]
 
+        # code space: the residual r = z - q (the value of x - qt), the direction of the
+        # commitment term's gradient, so that the input gradient can be split into that term
+        # and the rest (references to live tensors, dropped with the hooks)
+        resid = (x.detach(), qt.detach()) if self.st_code_space and x is not None and x.shape == qt.shape else None
+
         def write(which: int, g: torch.Tensor) -> None:
             if rec.interval != interval:  # flushed meanwhile: the slot belongs to another step
                 return
             with torch.no_grad():
-                row[which].copy_(torch.linalg.vector_norm(g.detach().float()))
+                gf = g.detach().float()
+                row[which].copy_(torch.linalg.vector_norm(gf))
+                if which == ST_GIN and resid is not None and resid[0].shape == gf.shape:
+                    r = resid[0].float() - resid[1].float()
+                    row[ST_DOT_R:ST_RR + 1].copy_(torch.stack([(gf * r).sum(), (r * r).sum()]))
                 other = grads.get("in" if which == ST_GOUT else "out")
                 grads["out" if which == ST_GOUT else "in"] = g
                 if other is not None and other.shape == g.shape:
-                    row[ST_DOT].copy_((g.detach().float() * other.detach().float()).sum())
+                    row[ST_DOT].copy_((gf * other.detach().float()).sum())
                     grads.clear()
 
         h_out = qt.register_hook(rec.guard(self, "st", lambda g: write(ST_GOUT, g)))
@@ -492,6 +659,7 @@ class _QProbe:
         # |g_in| and <g_in, g_out> read 0 unless a gradient reaches the input: when the backward
         # never gets there (no path from the loss to the encoder), 0 is the truth
         row[ST_GIN:ST_DOT + 1].zero_()
+        row[ST_DOT_R].zero_()
         if x is not None and x.requires_grad:
             h_in = x.register_hook(rec.guard(self, "st", lambda g: write(ST_GIN, g)))
             self.tensor_handles.append(h_in)
@@ -505,6 +673,13 @@ class _QProbe:
         ident = [(id(b), b._version, tuple(b.shape)) for b in bufs]
         with torch.no_grad():
             snaps = [b.detach().clone() for b in bufs]
+            cb = self.q.codebook()
+            if cb is None:
+                self.eval_cb = None
+            elif self.eval_cb is None or self.eval_cb.shape != cb.shape or self.eval_cb.device != cb.device:
+                self.eval_cb = cb.detach().float().clone()
+            else:
+                self.eval_cb.copy_(cb.detach())
         self.eval_before = (ident, snaps)
 
     def eval_post(self) -> None:
@@ -515,6 +690,14 @@ class _QProbe:
         ident, snaps = before
         bufs = list(self.rec.module_buffers(self.i))
         rec = self.rec
+        cell = rec.arena.evalmut[self.i][rec.slot]
+        with torch.no_grad():
+            # how far this forward moved the codebook (0 when it did not), for comparison with a
+            # training forward's move: evaluation data of another distribution moves it further
+            cb = self.q.codebook()
+            if cb is not None and self.eval_cb is not None and cb.shape == self.eval_cb.shape:
+                diff = torch.nan_to_num(cb.detach().float() - self.eval_cb, nan=0.0, posinf=0.0, neginf=0.0)
+                cell[EVM_CHANGE].add_(torch.linalg.vector_norm(diff))
         if len(bufs) != len(ident) or any(id(b) != i[0] or tuple(b.shape) != i[2] for b, i in zip(bufs, ident, strict=True)):
             self.host_evalmut[rec.step] = self.host_evalmut.get(rec.step, 0) + 1
             return
@@ -525,26 +708,7 @@ class _QProbe:
             return
         with torch.no_grad():
             changed = torch.stack([_bits(b).ne(_bits(s)).any() for b, s in zip(bufs, snaps, strict=True)]).any()
-            rec.arena.evalmut[self.i][rec.slot].add_(changed.to(torch.float32))
-
-    # ---------------------------------------------------------------- flush (device part)
-
-    def write_fingerprint(self) -> None:
-        if not self.fp_size:
-            return
-        cb = self.q.codebook()
-        if cb is None:
-            return
-        rec = self.rec
-        with torch.no_grad():
-            flat = cb.detach().float().reshape(-1, cb.shape[-1])
-            if self.fp_index is None or self.fp_index.device != flat.device:
-                self.fp_index = torch.tensor(self.fp_rows, dtype=torch.int64).to(flat.device)  # at a flush
-            rows = flat.index_select(0, self.fp_index).reshape(-1)
-            v = flat.reshape(-1)
-            m = v.numel() // FP_BLOCKS
-            blocks = v[: m * FP_BLOCKS].view(FP_BLOCKS, m).sum(1) if m else torch.zeros(FP_BLOCKS, device=v.device)
-            rec.arena.fp[self.i].copy_(torch.cat([rows, blocks]).to(rec.device))
+            cell[EVM_COUNT].add_(changed.to(torch.float32))
 
 
 def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -566,13 +730,15 @@ def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return torch.where(total.reshape(()) > 0, med, torch.full_like(med, float("nan"))).to(torch.float32)
 
 
-def _code_norm_median(cb: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+def _code_norm_median(cb: torch.Tensor, counts: torch.Tensor | None,
+                      norms: torch.Tensor | None = None) -> torch.Tensor:
     """`code_norm_median` as the checkpoint metrics define it, computed on the device.
 
     Finite, non-zero rows; with EMA counts each code weighs min(N_i, n/K) of its head (the scale
     of the codes in use, `metrics.codebook.usage_weights`), else all weigh the same.
     """
-    norms = torch.linalg.vector_norm(cb.float(), dim=-1)                 # [H, K]
+    if norms is None:
+        norms = torch.linalg.vector_norm(cb.float(), dim=-1)             # [H, K]
     ok = torch.isfinite(norms) & (norms > 0)
     if counts is not None and counts.shape == norms.shape:
         c = torch.nan_to_num(counts.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
@@ -580,6 +746,41 @@ def _code_norm_median(cb: torch.Tensor, counts: torch.Tensor | None) -> torch.Te
     else:
         w = torch.ones_like(norms, dtype=torch.float64)
     return _weighted_median(norms, torch.where(ok, w, torch.zeros_like(w)))
+
+
+def _input_spread(z: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """`z_spread` as `metrics.probe.input_spread` defines it, on the device (no host read):
+    median |z_i - mean z| / median |z_i| in float64 (cosine: of l2-normalised rows); the RMS
+    norm is the unit when the median norm is 0, and all-zero inputs have spread 0."""
+    v = z.detach().to(torch.float64)
+    if cosine:
+        v = torch.nn.functional.normalize(v, dim=-1)
+    norms = torch.linalg.vector_norm(v, dim=-1)
+    unit = norms.median()
+    unit = torch.where(unit > 0, unit, norms.pow(2).mean().sqrt())
+    dev = torch.linalg.vector_norm(v - v.mean(0), dim=-1).median()
+    return torch.where(unit > 0, dev / torch.where(unit > 0, unit, torch.ones_like(unit)),
+                       torch.zeros_like(unit)).to(torch.float32)
+
+
+def _blowup(norms: torch.Tensor, code_med: torch.Tensor, z_med: torch.Tensor, nan: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(largest finite row norm, rows above BLOWUP_FACTOR x the reference), on the device.
+
+    The reference is the median code norm, or the median input norm when that is larger: an EMA
+    row is an average of the inputs assigned to it, so a row 100x beyond both the codes in use
+    and the inputs is blown up, while codes that followed a growing encoder (the usage-weighted
+    median can stay at the initial scale while most codes die) are not. NaN, NaN when the
+    reference is not finite, <= 0, or below NEAR_ZERO_REF x the median of all non-zero finite
+    rows (the codes in use and the inputs sit at ~0, so any ordinary row would look blown up).
+    """
+    ref = torch.where(torch.isfinite(z_med) & (z_med > code_med), z_med.to(code_med.dtype), code_med)
+    fin = torch.isfinite(norms)
+    all_med = torch.where(fin & (norms > 0), norms, nan).nanmedian()
+    usable = torch.isfinite(ref) & (ref > 0) & (ref >= NEAR_ZERO_REF * all_med)
+    top = torch.where(fin, norms, torch.zeros_like(norms)).amax()
+    rows = (fin & (norms > BLOWUP_FACTOR * ref)).sum(dtype=torch.float32)
+    return torch.where(usable, top, nan), torch.where(usable, rows, nan)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -644,12 +845,42 @@ class Recorder:
         self.index = ModuleIndex(model)
         self.device = self._pick_device()
         self.one = torch.ones((), device=self.device)
+        self.zero = torch.zeros((), device=self.device)
         self.nan = torch.full((), float("nan"), device=self.device)
         self.probes = [_QProbe(self, i, q) for i, q in enumerate(quantizers)]
         self.arena = _Arena(self.device, self.F, [p.width for p in self.probes], [p.fp_size for p in self.probes])
         self.buffers_of = [self._nonfinite_targets(q) for q in quantizers]
         self._mod_buffers: list[list[tuple[nn.Module, str]]] = [self._buffer_refs(q) for q in quantizers]
         self.window_steps: int | None = self.window
+        self._st_layout()
+
+    def _st_layout(self) -> None:
+        """Decide per quantizer where the straight-through gradients can be compared directly.
+
+        The gradient at a quantizer's input equals the one at its output (plus the commitment
+        term) only when both live in the code space: a vector-quantizer kind (not FSQ / LFQ,
+        whose bounding nonlinearity scales the gradient, nor Gumbel-softmax, which has no
+        straight-through path), no projection inside the hooked module (`project_in`, or any
+        parameter other than [.., K, D] tables: DAC in_proj / out_proj, taming's Gumbel `proj`),
+        and, in a residual group, the last stage (an earlier stage's output also feeds the
+        residual of the next stage, so its output gradient is not the task gradient: encodec).
+        Elsewhere only "nothing passes at all" is meaningful.
+        """
+        stages: dict[str, list[int]] = {}
+        for p in self.probes:
+            st = p.q.state
+            if st.group is not None and st.stage is not None:
+                stages.setdefault(st.group, []).append(int(st.stage))
+        for p in self.probes:
+            st = p.q.state
+            K, D = p.K, p.q.code_dim
+            cb_param = p.q.codebook_param
+            extra = any(prm is not cb_param and tuple(prm.shape[-2:]) != (K, D) for prm in p.q.module.parameters())
+            group = stages.get(st.group) if st.group is not None and st.stage is not None else None
+            last = group is None or int(st.stage) == max(group)
+            p.st_first_stage = group is None or int(st.stage) == min(group)
+            p.st_code_space = (st.kind in ("vq", "vq-ema") and p.q.project_in is None and st.project_in is None
+                               and not extra and last)
 
     # ------------------------------------------------------------------ setup
 
@@ -775,12 +1006,18 @@ class Recorder:
 
     def _pre(self, p: _QProbe) -> Callable:
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._first_q_pos is None:
+                # any mode: an evaluation pass before training runs the modules in the same order
+                self._first_q_pos = len(self._trace_order)
             if module.training and torch.is_grad_enabled():
                 if self.pending and not self.explicit:
                     self.pending = False
                     self._advance()
-                if self._first_q_pos is None:
-                    self._first_q_pos = len(self._trace_order)
+                if self.step % self.C == 0 and p.cadence_step != self.step and p.pre_step != self.step:
+                    off = self.disabled_for(p)
+                    if "stats" not in off and "pre" not in off:
+                        with torch.no_grad():
+                            p.pre_snapshot(self.step)
             elif "eval" not in self.disabled_for(p):
                 try:
                     p.eval_pre()
@@ -804,7 +1041,7 @@ class Recorder:
             with torch.no_grad():
                 if "count" not in off:
                     try:
-                        p.count(output)
+                        p.count(output, args, kwargs)
                     except Exception as e:
                         self.fail((p.i, "count"), e)
                 if self.step % self.C == 0 and p.cadence_step != self.step and "stats" not in off:
@@ -851,6 +1088,13 @@ class Recorder:
             return
         self.pending = True
 
+    def _encoder_learns(self) -> bool:
+        """True when encoder-side parameters require grad and a stepping optimizer holds them."""
+        if self._first_q_pos is None and self._sides is None:
+            return False
+        enc = self._side_lists()[0]
+        return any(p.requires_grad and id(p) in self._opt_param_ids for p in enc)
+
     def _side_lists(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
         """(encoder-side, quantizer, decoder-side) parameters, decided once.
 
@@ -883,10 +1127,19 @@ class Recorder:
         return self._sides
 
     def _grad_norms(self, slot: int) -> None:
+        """Gradient norms of the encoder side, the quantizers and the decoder side.
+
+        A side none of whose parameters has a gradient reads 0 (not "not measured") when it
+        holds parameters that require grad and belong to a stepping optimizer while another
+        side has gradients: the backward ran and missed them (an encoder output detached
+        before the quantizer leaves the encoder's `.grad` at None all run).
+        """
         enc, quant, dec = self._side_lists()
         groups = []
+        expects = []
         for plist in (enc, quant, dec):
             groups.append([p.grad for p in plist if p.grad is not None and not p.grad.is_sparse])
+            expects.append(any(p.requires_grad and id(p) in self._opt_param_ids for p in plist))
         flat = [g for grp in groups for g in grp]
         run = self.arena.run[slot]
         if flat:
@@ -894,9 +1147,9 @@ class Recorder:
             sq = norms * norms
             vals = []
             a = 0
-            for grp in groups:
+            for grp, exp in zip(groups, expects, strict=True):
                 b = a + len(grp)
-                vals.append(sq[a:b].sum().sqrt() if b > a else self.nan)
+                vals.append(sq[a:b].sum().sqrt() if b > a else (self.zero if exp else self.nan))
                 a = b
             vals.append((~torch.isfinite(norms)).sum(dtype=torch.float32))
             run[GN_ENC:NF_GRAD + 1].copy_(torch.stack([vals[0], vals[2], vals[1], vals[3]]))
@@ -976,8 +1229,6 @@ class Recorder:
         records: list[dict[str, Any]] = []
         if n > 0:
             with torch.no_grad():
-                for p in self.probes:
-                    p.write_fingerprint()
                 host = self.arena.buf.to("cpu", copy=True).numpy()  # the one synchronisation
                 partial = not final and n < self.F and self.step_has_data
                 carry = self.arena.rows(n) if partial else None
@@ -1037,6 +1288,9 @@ class Recorder:
             counts_all = counts_of[p.i]
             stats = view(self.arena.stats[p.i])[:n]
             evm = view(self.arena.evalmut[p.i])[:n]
+            cb_now = p.q.codebook()
+            cb_numel = int(cb_now.numel()) if cb_now is not None else 0
+            fps = view(self.arena.fp[p.i])[:n] if p.fp_size else None
             sm = S.step_metrics(counts_all)
             win = self._windows(p, counts_all, W)
             wm = S.window_metrics(win)
@@ -1052,9 +1306,11 @@ class Recorder:
                     rec["window_steps"] = W
                 if s in p.cadence_steps:
                     rec.update(self._cadence_metrics(p, stats[j], counts_all[j], s))
-                mut = float(evm[j]) + p.host_evalmut.get(s, 0)
+                mut = float(evm[j, EVM_COUNT]) + p.host_evalmut.get(s, 0)
                 if mut > 0 or s in p.cadence_steps:
                     rec["eval_mutation"] = mut
+                if mut > 0 and cb_numel and evm[j, EVM_CHANGE] > 0:
+                    rec["eval_codebook_rms_change"] = float(evm[j, EVM_CHANGE]) / math.sqrt(cb_numel) / mut
                 if len(rec) > 3:
                     per_step[s].append(rec)
             # FSQ / LFQ per-dimension usage over the latest window, on the interval's last step
@@ -1082,11 +1338,11 @@ class Recorder:
                             "steps": last - p.hist_first + 1, "window": W, "heads": p.H,
                             "counts": [int(round(x)) for x in p.hist_acc.reshape(-1)]})
                 p.hist_acc, p.hist_first = None, None
-            if p.fp_size:
-                fp = view(self.arena.fp[p.i])
-                if np.isfinite(fp).all():
-                    out.append({"t": "fp", "step": last, "q": p.q.name, "rows": p.fp_rows,
-                                "fingerprint": [float(x) for x in fp]})
+            if fps is not None:
+                for j, s in enumerate(steps):
+                    if np.isfinite(fps[j]).all():
+                        out.append({"t": "fp", "step": s, "q": p.q.name, "rows": p.fp_rows,
+                                    "fingerprint": [float(x) for x in fps[j]]})
 
         for j, s in enumerate(steps):
             r: dict[str, Any] = {"t": "run", "step": s}
@@ -1148,6 +1404,7 @@ class Recorder:
         if not math.isnan(z) and not math.isnan(c):
             m["scale_ratio"] = z / c if c > 0 else float("inf")
         put("quant_error_rel", float(st[QERR]))
+        put("z_spread", float(st[Z_SPREAD]))
         near, spacing = float(st[NEAREST]), float(st[SPACING])
         put("nearest_dist_median", near)
         put("intercode_dist_median", spacing)
@@ -1158,10 +1415,19 @@ class Recorder:
         put("nonfinite_buffers", float(st[NF_BUF]))
         ds = p.dsteps.get(s)
         cb = p.q.codebook()
+        numel = max(int(cb.numel()), 1) if cb is not None else 1
         if ds and cb is not None and not math.isnan(float(st[DRIFT_NORM])):
-            m["codebook_rms_change"] = float(st[DRIFT_NORM]) / math.sqrt(max(cb.numel(), 1)) / ds
-            if p.q.replaces:
-                m["codes_replaced"] = float(st[JUMPED]) / ds
+            m["codebook_rms_change"] = float(st[DRIFT_NORM]) / math.sqrt(numel) / ds
+        if cb is not None and not math.isnan(float(st[FWD_CHANGE])):
+            m["codebook_forward_rms_change"] = float(st[FWD_CHANGE]) / math.sqrt(numel)
+            if p.q.replaces and not math.isnan(float(st[JUMPED])):
+                m["codes_replaced"] = float(st[JUMPED])  # in the cadence step's own forward
+        top, nblow = float(st[CODE_MAX]), float(st[BLOWUP_N])
+        ref = max(c, z) if not math.isnan(z) else c  # as `_blowup` chose it on the device
+        if not math.isnan(top) and not math.isnan(ref) and ref > 0:
+            m["code_norm_max"] = top
+            m["blowup_ratio"] = top / ref
+            m["blowup_rows"] = nblow
         cs = float(st[COUNT_SUM])
         if not math.isnan(cs):
             m["count_total"] = cs / max(1, p.q.state.heads)
@@ -1178,6 +1444,21 @@ class Recorder:
                 if not math.isnan(dot):
                     den = gin * gout
                     m["st_grad_cos"] = dot / den if den > 0 else 0.0
+                    if gout > 0 and math.isfinite(gout) and math.isfinite(dot):
+                        m["st_grad_passthrough"] = dot / gout / gout
+                dot_r, rr = float(st[ST_DOT_R]), float(st[ST_RR])
+                if gout > 0 and math.isfinite(gout) and math.isfinite(gin) and not math.isnan(dot_r):
+                    # the input gradient without its component along z - q (the commitment term)
+                    along = dot_r * dot_r / rr if rr > 0 and math.isfinite(rr) else 0.0
+                    m["st_grad_task_ratio"] = math.sqrt(max(gin * gin - along, 0.0)) / gout
+            m["st_code_space"] = 1.0 if p.st_code_space else 0.0
+        elif float(st[ST_NOGRAD_IN]) == 1.0 and self._encoder_learns():
+            # the quantizer's input does not require grad while an encoder that should learn
+            # sits before it: nothing of the task gradient can reach the encoder through it
+            m["st_grad_ratio"] = 0.0
+            m["st_grad_passthrough"] = 0.0
+            m["st_input_no_grad"] = 1.0
+            m["st_code_space"] = 1.0 if p.st_code_space else 0.0
         gcb = float(st[GN_CB])
         if not math.isnan(gcb):
             m["grad_norm_codebook"] = gcb

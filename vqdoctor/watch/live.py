@@ -392,6 +392,11 @@ def _from_state(index: ModuleIndex, state: QuantizerState, raw_of: dict[str, str
             counts = _as_hk_reader(_attr_reader(*oa), H, K) or _none
     library = state.library
     inner = index.innermost(name)
+    if state.metric != "cosine" and inner is not None and any(
+            getattr(m, "use_cosine_sim", None) is True for m in (inner, getattr(inner, "_codebook", None))):
+        # A state dict does not say it (before k-means init the codes are not yet unit-norm);
+        # the live module does (vector-quantize-pytorch `use_cosine_sim`).
+        state.metric = "cosine"
     input_dim = int(state.input_dim or D * max(state.input_heads, 1))
     index_heads = H if H > 1 else 1
     if library == "vector-quantize-pytorch" and inner is not None and int(getattr(inner, "heads", 1) or 1) > 1 \

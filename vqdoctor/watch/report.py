@@ -5,6 +5,10 @@ non-finite elements or eval mutations are summed), and the windowed usage metric
 recomputed from the `hist` records summed over ranks, so global usage is exact (the same
 figure a single process would report on the same data). With one rank the windowed metrics of
 the step records are used as recorded (exact per step).
+
+Windows that have not yet seen `stats.MIN_HITS_PER_CODE` x K vectors say nothing about which
+codes are dead: their hit-based metrics (`usage_window`, `usage_fraction`, `dead_fraction`) are
+gaps in the evidence, not values (the run store keeps them as recorded).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ SUM_OVER_RANKS = {"tokens", "nonfinite_input", "nonfinite_output", "nonfinite_bu
 BATCH = {"tokens", "perplexity", "perplexity_fraction", "entropy_norm", "top1_share"}
 WINDOWED = ("usage_window", "usage_fraction", "dead_fraction", "entropy_norm_window", "perplexity_window",
             "window_tokens")
+# windowed metrics that say which codes were never hit: meaningless until the window has seen
+# enough vectors to hit every code of a uniform usage (S.MIN_HITS_PER_CODE x K per head)
+HIT_BASED = ("usage_window", "usage_fraction", "dead_fraction")
 
 
 def _quantizer_infos(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -125,6 +132,26 @@ def _latest(series: pd.DataFrame, flush_every: int) -> dict[str, float]:
     return out
 
 
+def _mask_short_windows(series: pd.DataFrame, K: int) -> pd.DataFrame:
+    """Hit-based windowed metrics set to NaN on rows whose window holds < MIN_HITS_PER_CODE x K vectors.
+
+    Early in a run the window is not full yet: with ~1 vector per code per step, step 0 has
+    hit at most a share 1 - 1/e of a uniform codebook, and "dead" would only mean "not drawn
+    yet". Such rows are gaps, not values (the recorded run keeps them; this is the evidence).
+    """
+    if not K or "window_tokens" not in series.columns:
+        return series
+    wt = pd.to_numeric(series["window_tokens"], errors="coerce")
+    short = (wt < S.MIN_HITS_PER_CODE * K).to_numpy()
+    if not short.any():
+        return series
+    series = series.copy()
+    for c in HIT_BASED:
+        if c in series.columns:
+            series.loc[short, c] = np.nan
+    return series
+
+
 def _rank_diff(streams: dict[int, list[dict[str, Any]]], name: str, code_norm: float | None
                ) -> pd.Series | None:
     """Per fp step: max over ranks and sampled rows of |e_r - e_0| / code_norm_median (rank 0)."""
@@ -195,10 +222,15 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
                 extra = pd.DataFrame({k: wm[k] for k in WINDOWED}, index=pd.Index(steps, name="step"))
                 extra["window_steps"] = float(W or 0)
                 series = series.join(extra, how="outer") if len(series) else extra
+        K = int(info.get("codebook_size") or 0)
+        series = _mask_short_windows(series, K)
         metrics = _latest(series, F)
         if name in window_counts:
             wm1 = S.window_metrics(window_counts[name][None])
             metrics.update({k: float(wm1[k][0]) for k in WINDOWED if not math.isnan(float(wm1[k][0]))})
+            if K and metrics.get("window_tokens", math.inf) < S.MIN_HITS_PER_CODE * K:
+                for k in HIT_BASED:
+                    metrics.pop(k, None)
             levels = info.get("levels")
             if info.get("kind") == "fsq" and levels:
                 metrics.update(S.fsq_metrics(window_counts[name], tuple(int(x) for x in levels)))

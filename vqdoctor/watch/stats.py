@@ -18,6 +18,9 @@ DEAD_REL = 0.01
 # Bounds of the automatic usage window (steps): at least ~4 expected hits per code under uniform
 # usage, never shorter than MIN (recent enough to be stable), never longer than MAX.
 WINDOW_MIN = 100
+# Vectors per code a window must hold before "never hit" means "dead" (~4 expected hits under
+# uniform usage: P(a live code is missed) ~ e^-4 ~ 2%); auto_window aims at the same.
+MIN_HITS_PER_CODE = 4.0
 WINDOW_MAX = 5000
 HIST_BUCKETS = 16
 
@@ -35,7 +38,7 @@ def auto_window(codebook_size: int, heads: int, tokens_per_step: float) -> int:
     """
     if not tokens_per_step or tokens_per_step <= 0 or not math.isfinite(tokens_per_step):
         return WINDOW_MIN
-    w = math.ceil(4.0 * codebook_size / tokens_per_step)
+    w = math.ceil(MIN_HITS_PER_CODE * codebook_size / tokens_per_step)
     return int(min(max(w, WINDOW_MIN), WINDOW_MAX))
 
 

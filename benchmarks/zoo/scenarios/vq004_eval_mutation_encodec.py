@@ -1,11 +1,12 @@
 """VQ004 ema-divergence: validation passes in training mode update encodec's EMA codebooks.
 
-A 1-d conv codec with encodec `core_vq.ResidualVectorQuantization` (2 stages of 512 codes, k-means
-init, decay 0.9, expiry at 2). Every 20 steps a validation loop runs under `torch.no_grad()` but
+A 1-d conv codec with encodec `core_vq.ResidualVectorQuantization` (2 stages of 256 codes, k-means
+init, decay 0.9, no dead-code expiry: encodec's own expiry is a no-op anyway, encodec #61). Every 20 steps a validation loop runs under `torch.no_grad()` but
 the model is never switched to `eval()`: encodec's codebooks update their EMA statistics in any
 forward made in training mode, so 10 validation batches (another domain: 4x louder, 2-3x higher
 frequencies) overwrite a large part of the codebooks. Measured per validation: how far the codes
-move compared with one training step, and the training perplexity right after.
+move compared with one training step, and the training perplexity right after. Onset 19: the
+first validation runs after the optimizer step of step 19.
 
 encodec's package __init__ imports torchaudio for audio I/O the quantizer never uses; a
 placeholder module stands in during the import (torchaudio does not load beside a CPU torch here).
@@ -31,14 +32,14 @@ del sys.modules["torchaudio"]
 
 SCENARIO = {
     "expect": "ema-divergence",
-    "onset": 20,
+    "onset": 19,
     "library": "encodec",
     "family": "rvq",
-    "K": 512, "D": 64, "tokens_per_step": 1024, "steps": 160,
+    "K": 256, "D": 64, "tokens_per_step": 2048, "steps": 160,
     "launch": "python",
     "fault": "validation every 20 steps under no_grad without model.eval(): another domain updates the EMA codebooks",
 }
-K, D, Q, BATCH, T, STEPS, EVAL_EVERY, EVAL_BATCHES = 512, 64, 2, 16, 256, 160, 20, 10
+K, D, Q, BATCH, T, STEPS, EVAL_EVERY, EVAL_BATCHES = 256, 64, 2, 32, 256, 160, 20, 10
 
 
 class Codec(nn.Module):
@@ -48,7 +49,7 @@ class Codec(nn.Module):
                                      nn.Conv1d(64, D, 3, 1, 1))
         self.quantizer = core_vq.ResidualVectorQuantization(num_quantizers=Q, dim=D, codebook_size=K, decay=0.9,
                                                             kmeans_init=True, kmeans_iters=10,
-                                                            threshold_ema_dead_code=2)
+                                                            threshold_ema_dead_code=0)
         self.decoder = nn.Sequential(nn.Conv1d(D, 64, 3, 1, 1), nn.ELU(), nn.ConvTranspose1d(64, 32, 4, 2, 1),
                                      nn.ELU(), nn.ConvTranspose1d(32, 1, 4, 2, 1))
 
@@ -109,7 +110,7 @@ def main() -> None:
 
     model.eval()
     with torch.no_grad():
-        z = model.encoder(batch(64))  # training domain, [64, D, 64]: 4096 vectors = 8 K
+        z = model.encoder(batch(64))  # training domain, [64, D, 64]: 4096 vectors = 16 K
         codes = model.quantizer.encode(z)
     ppl = " ".join(f"{perplexity(c, K):.1f}" for c in codes)
     print(f"held-out (training domain): perplexity per stage {ppl}; time {time.time() - t0:.1f}s")

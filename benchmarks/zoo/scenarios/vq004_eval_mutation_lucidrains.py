@@ -7,7 +7,8 @@ commitment 0.01, dead-code replacement below 2) -> MLP head, Adam 1e-3 with clip
 quantizer runs its EMA update and its dead-code replacement on the validation batches, so each
 evaluation pulls codes towards the validation distribution and re-seeds dead codes with validation
 vectors, which the training data then never use. Measured per evaluation: how far the codebook
-moves (vs a training step) and the training perplexity before / after.
+moves (vs a training step) and the training perplexity before / after. Onset 24: the first
+evaluation runs after the optimizer step of step 24.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vector_quantize_pytorch import VectorQuantize
 
 SCENARIO = {
     "expect": "ema-divergence",
-    "onset": 25,
+    "onset": 24,
     "library": "vector-quantize-pytorch",
     "family": "vq-ema",
     "K": 128, "D": 128, "tokens_per_step": 1024, "steps": 200,
