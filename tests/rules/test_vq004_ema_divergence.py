@@ -151,6 +151,6 @@ def test_excess_count_mass_during_replacement_churn_is_left_to_churn():
     assert one(RULE, run(quiet)).evidence["sub_causes"] == ["count_mass"]
 
 
-def test_low_precision_that_already_went_non_finite_is_a_note():
+def test_low_precision_that_already_went_non_finite_is_an_error():
     q = qev({"ema_lowp": 1.0, "nonfinite_codebook": 12.0})
-    assert one(RULE, checkpoint(q)).severity == "info"
+    assert one(RULE, checkpoint(q)).severity == "error"

@@ -33,8 +33,8 @@ from it (the SPEC's user story kept the VQ in training mode during evaluation).
   blown rows shrink back (decay^t), but the codes they held stay dead.
 - `ema_residual_max` (relative, live rows) >= `residual_warn` (0.01); healthy EMA codebooks
   read 0 to ~3e-6. When `ema_residual_median` also >= `residual_warn`, the break is systematic.
-- `ema_lowp` == 1: float16/bfloat16 EMA buffers (`info` once the quantizer's tensors hold
-  non-finite values: non-finite reports them and names the low precision in its fix).
+- `ema_lowp` == 1: float16/bfloat16 EMA buffers (`error` once the quantizer's tensors hold
+  non-finite values: smoothing has underflowed, and the non-finite rows are its consequence).
 - `eval_mutation` > 0 on any recorded step (run): an event, no sustain needed. It explains the
   codebook only when the evaluation data moved it: `eval_codebook_rms_change` (per changed
   evaluation forward) >= `eval_move_factor` (3) x `codebook_forward_rms_change` (per training
@@ -211,10 +211,10 @@ def _subs(q: QuantizerEvidence, world: float, p: Params) -> Iterator[_Sub]:
                    "Call model.eval() (or quantizer.eval()) for evaluation passes so they do not update "
                    "the EMA statistics or replace codes from evaluation data.")
     if h := S.judge(q, "ema_lowp", lambda v: v >= 1, 1):
-        covered = _nonfinite_seen(q)  # non-finite names the float16 buffers in its fix
-        yield _Sub("lowp", Severity.INFO if covered else Severity.WARNING, 0.8, h.step,
+        broken = _nonfinite_seen(q)  # the underflow has already happened: the mechanism is shown
+        yield _Sub("lowp", Severity.ERROR if broken else Severity.WARNING, 0.9 if broken else 0.8, h.step,
                    "EMA buffers stored in float16/bfloat16 (updates round away, smoothing underflows)"
-                   + ("; they already hold non-finite values (see non-finite)" if covered else ""),
+                   + ("; they already hold non-finite values" if broken else ""),
                    {"ema_lowp": 1}, "Keep cluster_size, embed_avg and the codebook in float32 "
                    "(exclude the quantizer from .half() and autocast).")
     if h := S.judge(q, "ema_residual_max", lambda v: v >= p.residual_warn, k):

@@ -1,4 +1,4 @@
-"""VQ001 non-finite: EMA buffers in float16, where Laplace smoothing underflows (encodec core_vq).
+"""VQ004 ema-divergence: EMA buffers in float16, where Laplace smoothing underflows (encodec core_vq).
 
 The quantizer (encodec `core_vq.VectorQuantization`, k-means init, eps 1e-5, decay 0.8 as in
 audiocraft's `EuclideanCodebook` default) was cast to half precision with `.half()` to save
@@ -33,7 +33,7 @@ from encodec.quantization import core_vq  # noqa: E402
 del sys.modules["torchaudio"]
 
 SCENARIO = {
-    "expect": "non-finite",
+    "expect": "ema-divergence",
     "onset": 0,
     "library": "encodec",
     "family": "vq-ema",
