@@ -385,18 +385,22 @@ def mismatch_diffusers(lib, out: Path) -> Paths:
 @pytest.fixture(scope="module")
 def mismatch_taming(out: Path) -> Paths:
     """taming `VectorQuantizer2` (uniform(+-1/512) init) behind an encoder whose outputs are scaled
-    x100, 20 Adam steps, Lightning checkpoint; probe {"z": encoder outputs}. Measured: scale ratio
-    4.2e4, nearest code 2.8e4 code spacings away, probe uses 16/512 codes."""
+    x100, Lightning checkpoints after 5 and 40 Adam steps; probe {"z": encoder outputs}. Measured
+    (after 20 steps): scale ratio 4.2e4, nearest code 2.8e4 code spacings away, probe uses 16/512
+    codes. The codes selected since step 5 sit at 10.9x the norm of the 87% never selected
+    (Adam moves a code ~lr per step: 9.8 after 15 steps, 11.1 after 75)."""
     g = gen(7)
     model = ConvAE(VectorQuantizer2(512, 4), gain=100.0)
     data = torch.randn(256, 8, 8, 8, generator=g)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    train_ae(model, opt, data, 20, g)
-    ckpt = lightning(model, opt, 20, out / "taming_x100.ckpt")
+    train_ae(model, opt, data, 5, g)
+    early = lightning(model, opt, 5, out / "taming_x100_5.ckpt")
+    train_ae(model, opt, data, 35, g)
+    ckpt = lightning(model, opt, 40, out / "taming_x100.ckpt")
     probe = out / "taming_x100_probe.pt"
     with torch.no_grad():
         torch.save({"z": model.encode(data)}, probe)
-    return {"ckpt": ckpt, "probe": probe}
+    return {"early": early, "ckpt": ckpt, "probe": probe}
 
 
 def test_scale_mismatch_diffusers_vqmodel_folder(mismatch_diffusers) -> None:
@@ -417,6 +421,16 @@ def test_scale_mismatch_taming_x100(mismatch_taming) -> None:
     d = report.diagnosis
     assert d.severity == "error" and d.evidence["scale_ratio"] > 1e3
     assert d.evidence["z_norm_median"] > 1e3 * d.evidence["code_norm_median"]
+
+
+def test_scale_mismatch_from_two_checkpoints_without_probe(mismatch_taming) -> None:
+    # No encoder outputs: the codes selected in between moved out to the data's scale, the
+    # never-selected ones kept their uniform(+-1/K) init bits.
+    report = inspect(mismatch_taming["early"], mismatch_taming["ckpt"])
+    assert diagnosis(report) == "scale-mismatch", ids(report)
+    ev = report.diagnosis.evidence
+    assert ev["moved_rows_norm_ratio"] > 5 and ev["rows_unchanged_fraction"] > 0.5
+    assert next(f for f in report.findings if f.id == "dead-codes").caused_by == "scale-mismatch"
 
 
 # --- EMA blow-up from zero-initialised counts ----------------------------------------------------------

@@ -15,6 +15,7 @@ from vqdoctor import __version__
 from vqdoctor.checkpoint import open_checkpoint
 from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
 from vqdoctor.metrics.drift import drift_metrics
+from vqdoctor.metrics.params import param_drift
 from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.base import QuantizerState
@@ -80,6 +81,9 @@ def inspect_checkpoints(
         metrics[s.name] = m
 
     ev = evidence_from_states(states, metrics)
+    if len(sources) > 1:  # did the encoder and decoder move between the checkpoints?
+        prefixes = {s.name for s in states} | {s.group for s in states if s.group}
+        ev.run.update(param_drift(sources[0], sources[-1], prefixes))
     quantizer_reports = [QuantizerReport(info=s.describe(), metrics=metrics[s.name],
                                          histogram=usage_histogram(s), notes=list(s.notes))
                          for s in states]

@@ -74,3 +74,15 @@ def test_gradient_spike_near_threshold():
 
 def test_checkpoint_is_silent():
     assert check(RULE, checkpoint(qev({"perplexity": 1.0}))) == []
+
+
+def test_checkpoints_with_weights_that_blew_up():
+    def ev(enc: float, dec: float):
+        e = checkpoint()
+        e.run.update(encoder_norm_growth=enc, decoder_norm_growth=dec)
+        return e
+
+    f = one(RULE, ev(2.0, 12.8))
+    assert (f.severity, f.quantizer, f.evidence) == ("warning", None, {"decoder_norm_growth": 12.8})
+    assert check(RULE, ev(2.8, 1.7)) == []  # a scale mismatch's encoder growth stays below 5x
+    assert check(RULE, ev(2.8, 1.7), weight_growth_warn=2.5)

@@ -139,3 +139,16 @@ def test_checkpoint_ratio_needs_no_frame():
     q = qev({"scale_ratio": 250.0, "probe_perplexity": 2.0, "probe_tokens": 4096.0}, kind="vq", K=K)
     f = one(RULE, checkpoint(q))
     assert (f.severity, f.confidence, f.step) == ("error", 0.9, None)
+
+
+def test_two_checkpoints_codes_in_use_moved_far_from_the_rest():
+    def ck(moved: float, still: float, metric: str = "euclidean"):
+        return checkpoint(qev({"moved_rows_norm_ratio": moved, "rows_unchanged_fraction": still}, kind="vq",
+                              metric=metric))
+
+    f = one(RULE, ck(204.0, 0.995))
+    assert f.severity == "warning" and f.evidence["moved_rows_norm_ratio"] == 204.0
+    assert check(RULE, ck(1.06, 0.42)) == []  # plain dead codes: used and unused codes alike
+    assert check(RULE, ck(33.0, 0.004)) == []  # almost every code moved: nothing stranded
+    assert check(RULE, ck(204.0, 0.995, "cosine")) == []
+    assert one(RULE, ck(0.05, 0.9)).severity == "warning"  # codes shrank towards tiny inputs

@@ -154,3 +154,9 @@ def test_excess_count_mass_during_replacement_churn_is_left_to_churn():
 def test_low_precision_that_already_went_non_finite_is_an_error():
     q = qev({"ema_lowp": 1.0, "nonfinite_codebook": 12.0})
     assert one(RULE, checkpoint(q)).severity == "error"
+
+
+def test_low_precision_in_a_run_is_dated_from_the_first_recorded_step():
+    # the dtype is recorded once (a scalar), the series starts at step 40
+    q = qev({"ema_lowp": 1.0}, series=frame(range(40, 100, 10), dead_fraction=[0.0] * 6))
+    assert one(RULE, run(q)).step == 40

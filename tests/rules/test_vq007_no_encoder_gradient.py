@@ -112,3 +112,16 @@ def test_saturated_encoder_with_an_intact_quantizer_is_not_a_broken_path():
 
 def test_checkpoint_is_silent():
     assert check(RULE, checkpoint(qev({"perplexity": 1.0}))) == []
+
+
+def test_checkpoints_with_an_encoder_that_did_not_move():
+    def ev(enc: float, dec: float):
+        e = checkpoint(qev())
+        e.run.update(encoder_unchanged_fraction=enc, decoder_unchanged_fraction=dec, encoder_tensors=4.0)
+        return e
+
+    f = one(RULE, ev(1.0, 0.0))
+    assert (f.severity, f.quantizer, f.evidence["encoder_tensors"]) == ("warning", None, 4)
+    assert check(RULE, ev(0.98, 0.0)) == []  # part of the encoder moved
+    assert check(RULE, ev(1.0, 0.9)) == []  # the decoder did not move either: a stalled run, not this
+    assert check(RULE, ev(1.0, 0.9), decoder_unchanged_max=0.95)  # thresholds are parameters

@@ -7,15 +7,12 @@ its fix, notes, and the summary line. Plain and deterministic unless `color` is 
 
 from __future__ import annotations
 
-from io import StringIO
-
-from rich.console import Console
 from rich.text import Text
 
 from vqdoctor.gate import Check, GateResult, Status
 from vqdoctor.gate_formats.base import STATUS_LABEL, GateFormat, finding_line, target_line
 from vqdoctor.report.formats.base import identity, one_line
-from vqdoctor.report.formats.text import SEVERITY_STYLE, pack, wrap
+from vqdoctor.report.formats.text import SEVERITY_STYLE, join_lines, pack, wrap
 
 STATUS_STYLE = {Status.PASS: "green", Status.FAIL: "bold red", Status.SKIP: "dim"}
 OUTCOME_STYLE = {"pass": "bold green", "fail": "bold red", "incomplete": "bold yellow"}
@@ -64,7 +61,7 @@ class TextGateFormat(GateFormat):
         lines.append(Text())
         lines += wrap(Text(result.summary_line(), style=OUTCOME_STYLE[result.outcome]),
                       self.width, hang=4)
-        return self._to_string(lines)
+        return join_lines(lines, self.width, self.color)
 
     def _check(self, c: Check) -> list[Text]:
         line = Text("  ")
@@ -76,15 +73,3 @@ class TextGateFormat(GateFormat):
         if c.detail:
             out += wrap(Text(c.detail, style="dim"), self.width, indent=indent, hang=2)
         return out
-
-    def _to_string(self, lines: list[Text]) -> str:
-        for line in lines:
-            line.rstrip()
-        if not self.color:
-            return "\n".join(line.plain for line in lines) + "\n"
-        buf = StringIO()
-        console = Console(file=buf, width=self.width, color_system="standard", force_terminal=True,
-                          no_color=False, emoji=False, markup=False, highlight=False)
-        for line in lines:
-            console.print(line, soft_wrap=True)
-        return buf.getvalue()

@@ -104,6 +104,14 @@ DRIFT = {
     "counts_frozen": "1 when the EMA counts are bit-identical across checkpoints",
     "dead_fraction_first": "dead_fraction in the first checkpoint",
     "dead_fraction_delta": "dead_fraction last - first",
+    "encoder_unchanged_fraction": "run-wide, from the first and last checkpoint: share of the encoder's weight elements "
+                                  "(keys named enc*/quant_conv, else before the quantizer) in tensors bit-identical "
+                                  "between them; 1 = the encoder got no update in between (metrics.params)",
+    "decoder_unchanged_fraction": "the same for the decoder's weights (dec*/post_quant*, else after the quantizer)",
+    "encoder_tensors": "encoder weight tensors compared",
+    "encoder_norm_growth": "L2 norm of the encoder's weights in the last checkpoint / in the first (finite only)",
+    "decoder_norm_growth": "the same for the decoder's weights",
+    "decoder_tensors": "decoder weight tensors compared",
     "rank_codebook_max_diff": "max over ranks and codes of the row distance |e_rank_i - e_rank_0| / code_norm_median of rank 0",
 }
 

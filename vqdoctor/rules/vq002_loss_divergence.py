@@ -1,10 +1,11 @@
 """VQ002 loss-divergence: the training loss grows exponentially, or gradient norms spike.
 
 ## What it detects
-Run mode only. The training loss rising by orders of magnitude above its running minimum
-while still growing (it keeps at least doubling within a short window), or the encoder /
-decoder gradient norm jumping far above its recent median. Checkpoints carry no loss history,
-so the rule is silent on them.
+In a run: the training loss rising by orders of magnitude above its running minimum while
+still growing (it keeps at least doubling within a short window), or the encoder / decoder
+gradient norm jumping far above its recent median. Checkpoints carry no loss history; from two
+or more checkpoints of one run it reads what diverging steps leave behind: encoder or decoder
+weights whose norm grew several times over between the first and the last.
 
 ## Why it matters
 A diverging optimisation drags the encoder outputs to huge norms, which pushes every input to
@@ -24,6 +25,10 @@ a loss of 1e13. The usual causes are a learning rate too high for the quantizer'
 - `grad_norm_encoder`, `grad_norm_decoder` (run-wide): a row >= `grad_spike_factor` (100) x the
   median of the previous `grad_median_window` (20) rows is a spike; `error` from
   `grad_spike_error_count` (3) spikes on, `warning` below.
+- Two or more checkpoints: `encoder_norm_growth` or `decoder_norm_growth` (L2 norm of the side's
+  weights, last / first) >= `weight_growth_warn` (5): `warning`, confidence 0.6. Healthy zoo
+  runs read 0.97-1.5 (up to 2.8 with a scale mismatch); a learning rate 100x too high for 50
+  of 150 steps read 9.3 and 12.8.
 All thresholds are ratios of a quantity to its own history, so no loss scale is assumed.
 Confidence 0.85 for error-level loss growth, 0.6 for a still-elevated loss, 0.5 for spikes alone.
 
@@ -71,6 +76,7 @@ class Params:
     grad_spike_factor: float = 100.0
     grad_median_window: int = 20
     grad_spike_error_count: int = 3
+    weight_growth_warn: float = 5.0
 
 
 def _loss(ev: Evidence, p: Params) -> tuple[Severity, float, int, dict[str, Any]] | None:
@@ -128,6 +134,9 @@ def _spikes(ev: Evidence, p: Params) -> tuple[int, int | None, dict[str, Any]]:
 @rule(SPEC, Params)
 def check(ev: Evidence, p: Params) -> Iterator[Finding]:
     """Yield one run-wide finding when the loss diverges or gradient norms spike."""
+    if ev.source_kind == "checkpoint":
+        yield from _weight_growth(ev, p)
+        return
     if ev.run_series is None:
         return
     loss = _loss(ev, p)
@@ -158,3 +167,19 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
     yield SPEC.finding(severity=severity, confidence=confidence, quantizer=None,
                        step=min(known) if known else None,
                        message="; ".join(parts), evidence=evidence, fix=fix)
+
+
+def _weight_growth(ev: Evidence, p: Params) -> Iterator[Finding]:
+    """Checkpoints: weights whose norm grew `weight_growth_warn` times or more, first to last."""
+    growth = {side: g for side in ("encoder", "decoder")
+              if (g := ev.run.get(f"{side}_norm_growth")) is not None and g >= p.weight_growth_warn}
+    if not growth:
+        return
+    side, worst = max(growth.items(), key=lambda kv: kv[1])
+    yield SPEC.finding(
+        severity=Severity.WARNING, confidence=0.6, quantizer=None,
+        message=f"the {side}'s weights grew {worst:.3g}x in norm between the checkpoints: "
+                "optimizer steps far too large (learning rate, missing clipping)",
+        evidence={f"{s}_norm_growth": g for s, g in growth.items()},
+        fix="Lower the learning rate (10x) with a warm-up and clip gradients (clip_grad_norm_ 1.0); "
+            "check the LR schedule (a gamma meant to shrink it, a step meant per epoch).")

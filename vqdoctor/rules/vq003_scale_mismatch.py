@@ -8,8 +8,9 @@ codebook's cloud, or only a few codes are chosen. At initialisation (a `uniform(
 apart during training (commitment too weak, `||z||` growing). For cosine lookups the ratio does
 not matter (both sides are normalised), but unbounded growth of `||z||` still does
 (lucidrains #26: 22 -> 20000, with a growing loss), so only the growth check applies to them.
-A checkpoint holds no encoder outputs: this rule needs a probe (`vqdoctor inspect --probe`) or
-a run; without either it stays silent.
+A checkpoint holds no encoder outputs: this rule needs a probe (`vqdoctor inspect --probe`), a
+run, or two checkpoints of a gradient-trained codebook (the codes in use moved out to the
+data's scale, the rest stayed at their init); otherwise it stays silent.
 
 ## Why it matters
 With `||z|| >> ||e||` every input is nearer to the codebook's outermost code than to any other,
@@ -38,6 +39,12 @@ the encoder output scaled x0.01 used exactly one code.
 - Growth (run; cosine lookups, or Euclidean runs without a code norm): `z_norm_median` /
   its running minimum >= `z_growth_warn` (10), `error` from `z_growth_error` (100); dated where
   the growth began (the smallest ||z|| before the crossing), the crossing step in the evidence.
+- Two checkpoints, no probe (gradient-trained codebooks, Euclidean): `moved_rows_norm_ratio`
+  (median norm of the rows that moved between the first and the last checkpoint / that of the
+  rows that kept their exact bits, i.e. were never selected) >= `moved_ratio_warn` (5; or <=
+  1/5) while `rows_unchanged_fraction` >= `damage_dead_fraction` (0.25): `warning`, confidence
+  0.6. Dead codes on a well-scaled codebook read 0.59-1.06 in the zoo; uniform(+-1/K) inits
+  under larger inputs 11-204 (Adam moves a code ~lr per step, so it grows with the interval).
 Confidence 0.9 when usage is low, 0.7 on geometry alone, 0.5 with no confirmation column in a run;
 growth 0.9 while still growing at the end (the latest ||z|| is the largest), 0.6 once it levelled
 off; a transient that left damage as the mismatch was while it held (severity from its worst
@@ -93,6 +100,7 @@ class Params:
     transient_steps: int = 50
     damage_dead_fraction: float = 0.25
     damage_perplexity_fraction: float = 0.05
+    moved_ratio_warn: float = 5.0
 
 
 def _fix(r: float) -> str:
@@ -245,6 +253,22 @@ def _growth(q: QuantizerEvidence, p: Params) -> Finding | None:
             "loss grows with ||z||^2 even when the lookup is scale-invariant.")
 
 
+def _init_scale(q: QuantizerEvidence, p: Params) -> Finding | None:
+    """Two checkpoints: the codes in use moved far from the scale of those never selected."""
+    moved, still = q.m("moved_rows_norm_ratio"), q.m("rows_unchanged_fraction")
+    if q.metric == "cosine" or moved is None or still is None or moved <= 0 or still < p.damage_dead_fraction:
+        return None
+    if max(moved, 1 / moved) < p.moved_ratio_warn:
+        return None
+    return SPEC.finding(
+        severity=Severity.WARNING, confidence=0.6, quantizer=q.name,
+        message=f"the codes selected between the checkpoints sit at {moved:.3g}x the norm of the "
+                f"{still:.1%} of codes never selected (still at their init): the encoder's outputs are far "
+                "from the codebook's initial scale",
+        evidence={"moved_rows_norm_ratio": moved, "rows_unchanged_fraction": still},
+        fix=_fix(moved))
+
+
 @rule(SPEC, Params)
 def check(ev: Evidence, p: Params) -> Iterator[Finding]:
     """Yield one finding per quantizer whose inputs and codes are on different scales."""
@@ -252,6 +276,6 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         if q.kind in ("fsq", "lfq"):
             continue  # fixed grids: the encoder output is bounded (tanh) or sign-quantized
         has_ratio = q.metric != "cosine" and (_signals(q) is not None or _scalars(q) is not None)
-        f = _ratio(q, p) if has_ratio else _growth(q, p)
+        f = _ratio(q, p) if has_ratio else (_growth(q, p) or _init_scale(q, p))
         if f is not None:
             yield f

@@ -212,7 +212,9 @@ def _subs(q: QuantizerEvidence, world: float, p: Params) -> Iterator[_Sub]:
                    "the EMA statistics or replace codes from evaluation data.")
     if h := S.judge(q, "ema_lowp", lambda v: v >= 1, 1):
         broken = _nonfinite_seen(q)  # the underflow has already happened: the mechanism is shown
-        yield _Sub("lowp", Severity.ERROR if broken else Severity.WARNING, 0.9 if broken else 0.8, h.step,
+        # a run records the dtype once: it held from the first recorded step on
+        since = h.step if h.step is not None or q.series is None or q.series.empty else S.step_of(q.series.index[0])
+        yield _Sub("lowp", Severity.ERROR if broken else Severity.WARNING, 0.9 if broken else 0.8, since,
                    "EMA buffers stored in float16/bfloat16 (updates round away, smoothing underflows)"
                    + ("; they already hold non-finite values" if broken else ""),
                    {"ema_lowp": 1}, "Keep cluster_size, embed_avg and the codebook in float32 "

@@ -1,10 +1,12 @@
 """VQ007 no-encoder-gradient: the straight-through path is broken; the task gradient misses the encoder.
 
 ## What it detects
-Run mode only (a checkpoint holds no gradients). The gradient that arrives at the quantizer's
+In a run, the gradient that arrives at the quantizer's
 output does not come out at its input: the quantizer returned the code `q` itself (argmin has
 no gradient) or a detached tensor instead of `z + (q - z).detach()`. Also the run-wide case of
-an encoder that receives no gradient at all while the decoder does.
+an encoder that receives no gradient at all while the decoder does. From checkpoints (which hold
+no gradients): an encoder that did not move between two checkpoints of one run while the
+decoder did.
 
 ## Why it matters
 Without the straight-through estimator, only the commitment term (if any) reaches the encoder:
@@ -38,6 +40,11 @@ The loss still falls through the decoder, so nothing looks broken until evaluati
   None read 0): `error`, unless a quantizer shows an intact passthrough (ratio > `zero_ratio`,
   and passthrough > `low_passthrough` where compared): then the straight-through path works and
   the encoder kills its own gradient (a saturated sigmoid/tanh head: an index-collapse story).
+- Two or more checkpoints: `encoder_unchanged_fraction` >= `encoder_unchanged_min` (0.999: every
+  encoder weight bit-identical between the first and the last) while `decoder_unchanged_fraction`
+  <= `decoder_unchanged_max` (0.5): `warning`, confidence 0.7. An optimizer moves every weight
+  that gets a gradient, so the encoder got none, or sits outside the optimizer (also the case
+  for an encoder frozen on purpose, e.g. pretrained features: then ignore it).
 Rows with no gradient at the output are not measured. Conditions must hold `sustain_steps` (5)
 recorded rows and still hold at the end (the commitment term can dominate briefly early on).
 Confidence 0.9 for a zero ratio or a zero encoder gradient, 0.8 commitment-only input
@@ -81,6 +88,8 @@ class Params:
     low_task_ratio: float = 0.01
     low_passthrough: float = 0.5
     encoder_to_decoder_zero: float = 1e-6
+    encoder_unchanged_min: float = 0.999
+    decoder_unchanged_max: float = 0.5
     sustain_steps: int = 5
 
 
@@ -140,6 +149,9 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         yield SPEC.finding(severity=sev, confidence=conf, quantizer=q.name, step=h.step,
                            message=msg, fix=fix,
                            evidence={k: v for k, v in evidence.items() if v is not None})
+    if ev.source_kind == "checkpoint":
+        yield from _frozen_encoder(ev, p)
+        return
     f = S.frame(ev.run_series, ["grad_norm_encoder", "grad_norm_decoder"])
     if found or f is None:
         return
@@ -154,6 +166,21 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
                     f"{dec.iloc[-1]:.3g}",
             evidence={"grad_norm_encoder": float(enc.iloc[-1]), "grad_norm_decoder": float(dec.iloc[-1])},
             fix=_FIX)
+
+
+def _frozen_encoder(ev: Evidence, p: Params) -> Iterator[Finding]:
+    """Checkpoints: the encoder's weights did not move between the first and last while the decoder's did."""
+    enc, dec = ev.run.get("encoder_unchanged_fraction"), ev.run.get("decoder_unchanged_fraction")
+    if enc is None or dec is None or enc < p.encoder_unchanged_min or dec > p.decoder_unchanged_max:
+        return
+    n = int(ev.run.get("encoder_tensors", 0))
+    yield SPEC.finding(
+        severity=Severity.WARNING, confidence=0.7, quantizer=None,
+        message=f"the encoder did not move between the checkpoints ({n} weight tensor{'s' * (n != 1)} "
+                f"bit-identical) while {1 - dec:.0%} of the decoder's weights changed: no gradient reaches "
+                f"the encoder, or it is not in the optimizer",
+        evidence={"encoder_unchanged_fraction": enc, "decoder_unchanged_fraction": dec, "encoder_tensors": n},
+        fix=_FIX + " Check that the optimizer holds the encoder's parameters (unless it is frozen on purpose).")
 
 
 def _judge_broken(q: QuantizerEvidence, p: Params, k: int) -> S.Hit | None:

@@ -117,7 +117,7 @@ class TextFormat(Format):
             lines += wrap(Text("note: " + PROBE_HINT, style="dim"), self.width, hang=6)
         lines += wrap(Text(verdict_line(report), style=VERDICT_STYLE.get(report.verdict, "")),
                       self.width, hang=4)
-        return self._to_string(lines)
+        return join_lines(lines, self.width, self.color)
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -188,15 +188,17 @@ class TextFormat(Format):
             out += wrap(line, self.width, indent=2, hang=4)
         return out
 
-    def _to_string(self, lines: list[Text]) -> str:
-        for line in lines:
-            line.rstrip()
-        if not self.color:
-            return "\n".join(line.plain for line in lines) + "\n"
-        buf = StringIO()
-        console = Console(file=buf, width=self.width, color_system="standard", force_terminal=True,
-                          no_color=False, legacy_windows=False, emoji=False, markup=False,
-                          highlight=False)
-        for line in lines:
-            console.print(line, soft_wrap=True)
-        return buf.getvalue()
+
+def join_lines(lines: list[Text], width: int, color: bool) -> str:
+    """Laid-out lines as one string: plain text, or ANSI colours when `color`."""
+    for line in lines:
+        line.rstrip()
+    if not color:
+        return "\n".join(line.plain for line in lines) + "\n"
+    buf = StringIO()
+    console = Console(file=buf, width=width, color_system="standard", force_terminal=True,
+                      no_color=False, legacy_windows=False, emoji=False, markup=False,
+                      highlight=False)
+    for line in lines:
+        console.print(line, soft_wrap=True)
+    return buf.getvalue()
