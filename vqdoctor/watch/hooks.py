@@ -238,7 +238,6 @@ class _Arena:
             off += F * n
         # per-slot views made once: indexing a tensor costs microseconds of Python per step
         self.count_rows = [list(c.unbind(0)) for c in self.counts]
-        self.loss_cells = list(self.run[:, LOSS].unbind(0))
 
     def _row_views(self, r: int) -> list[torch.Tensor]:
         return ([c[r] for c in self.counts] + [e[r] for e in self.evalmut] + [self.run[r]]
@@ -511,8 +510,7 @@ class _QProbe:
         if counts is not None:
             vals[COUNT_SUM] = counts.detach().sum(dtype=torch.float32)
         row = rec.arena.stats[self.i][rec.slot]
-        row[:N_FWD].copy_(torch.stack([v.reshape(()).to(torch.float32) if isinstance(v, torch.Tensor)
-                                       else torch.full((), float(v), device=rec.device) for v in vals]))
+        row[:N_FWD].copy_(torch.stack([_scalar(v, rec.device) for v in vals]))
         self.cadence_steps.add(step)
         self.cadence_seen = True
         # straight-through passthrough: gradient hooks on this forward's output and input. An
@@ -711,6 +709,13 @@ class _QProbe:
             cell[EVM_COUNT].add_(changed.to(torch.float32))
 
 
+def _scalar(v: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor; most values already are one (no dispatch then)."""
+    if isinstance(v, torch.Tensor):
+        return v if v.dim() == 0 and v.dtype == torch.float32 else v.reshape(()).to(torch.float32)
+    return torch.full((), float(v), device=device)
+
+
 def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Lower weighted median on the device, without a host read (NaN when no weight is positive).
 
@@ -841,6 +846,7 @@ class Recorder:
         self._opt_param_ids: set[int] = set()
         self._loss_host: dict[int, float] = {}
         self._loss_dev_steps: set[int] = set()
+        self._loss_refs: dict[int, torch.Tensor] = {}  # slot -> detached loss, written at the flush
         self.compiled = contains_compiled(model)
         self.index = ModuleIndex(model)
         self.device = self._pick_device()
@@ -1177,8 +1183,8 @@ class Recorder:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-            with torch.no_grad():
-                self.arena.loss_cells[self.slot].copy_(loss.detach().reshape(()))
+            # a reference, no kernel: the flush stacks the interval's losses in one go
+            self._loss_refs[self.slot] = loss.detach()
             self._loss_dev_steps.add(self.step)
         else:
             self._loss_host[self.step] = float(loss)
@@ -1229,6 +1235,7 @@ class Recorder:
         records: list[dict[str, Any]] = []
         if n > 0:
             with torch.no_grad():
+                self._write_losses()
                 host = self.arena.buf.to("cpu", copy=True).numpy()  # the one synchronisation
                 partial = not final and n < self.F and self.step_has_data
                 carry = self.arena.rows(n) if partial else None
@@ -1251,6 +1258,15 @@ class Recorder:
                 self.on_flush.remove(cb)
                 self.fail((-1, f"on_flush:{getattr(cb, '__name__', 'callback')}"), e)
         return records
+
+    def _write_losses(self) -> None:
+        """Write the interval's recorded losses into their slot cells (a stack and one copy)."""
+        refs, self._loss_refs = self._loss_refs, {}
+        if not refs:
+            return
+        slots = torch.tensor(list(refs), device=self.device)  # at the flush, where a copy may wait
+        vals = torch.stack([t.reshape(()).to(self.device, torch.float32) for t in refs.values()])
+        self.arena.run[:, LOSS].index_copy_(0, slots, vals)
 
     def _host_views(self, host: np.ndarray, n: int) -> Callable[[torch.Tensor], np.ndarray]:
         base = self.arena.buf
