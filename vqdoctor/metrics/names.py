@@ -106,7 +106,8 @@ DRIFT = {
     "dead_fraction_delta": "dead_fraction last - first",
     "encoder_unchanged_fraction": "run-wide, from the first and last checkpoint: share of the encoder's weight elements "
                                   "(keys named enc*/quant_conv, else before the quantizer) in tensors bit-identical "
-                                  "between them; 1 = the encoder got no update in between (metrics.params)",
+                                  "between them (first 65536 elements of each); 1 = the encoder got no update in "
+                                  "between (metrics.params)",
     "decoder_unchanged_fraction": "the same for the decoder's weights (dec*/post_quant*, else after the quantizer)",
     "encoder_tensors": "encoder weight tensors compared",
     "encoder_norm_growth": "L2 norm of the encoder's weights in the last checkpoint / in the first (finite only)",

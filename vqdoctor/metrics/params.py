@@ -22,8 +22,13 @@ import torch
 from vqdoctor.checkpoint.base import TensorSource
 
 STATS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-MAX_ELEMENTS = 1 << 26
-"""Elements compared per side at most (256 MiB of float32 per checkpoint); the rest is skipped."""
+CHUNK = 1 << 16
+"""Leading elements of each tensor compared (256 KiB of float32): an optimizer step moves every
+element of a weight it updates, so a prefix tells a moved tensor from an unmoved one, and only
+its pages of a memory-mapped checkpoint are read."""
+MAX_ELEMENTS = 1 << 25
+"""Tensor elements per side at most (tensors past it are skipped): bounds what a reader that
+cannot map the file (safetensors, legacy pickles) loads, one tensor at a time."""
 
 
 def side_of(key: str) -> str | None:
@@ -62,7 +67,7 @@ def _compare(first: TensorSource, last: TensorSource, keys: Iterable[str]) -> di
         a, b = first.infos.get(k), last.infos[k]
         if a is None or a.shape != b.shape or a.dtype != b.dtype or total + b.numel > MAX_ELEMENTS:
             continue
-        x, y = first.get(k), last.get(k)
+        x, y = first.get(k).reshape(-1)[:CHUNK], last.get(k).reshape(-1)[:CHUNK]
         if torch.equal(x, y):
             same += b.numel
         sq_first += float(x.double().square().sum())
@@ -84,8 +89,8 @@ def param_drift(first: TensorSource, last: TensorSource, quantizer_prefixes: Ite
         encoder_unchanged_fraction / decoder_unchanged_fraction: share of the side's weight
             elements held in tensors that are bit-identical between the two checkpoints.
         encoder_tensors / decoder_tensors: how many tensors were compared.
-        encoder_norm_growth / decoder_norm_growth: L2 norm of the side's weights, last / first
-            (only when both are finite and the first is non-zero).
+        encoder_norm_growth / decoder_norm_growth: L2 norm of the side's weights (the compared
+            prefixes), last / first (only when both are finite and the first is non-zero).
     """
     excluded = tuple(p + "." for p in quantizer_prefixes if p)
     out: dict[str, float] = {}
