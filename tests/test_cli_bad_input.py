@@ -324,14 +324,55 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     assert_one_error_line(cli(str(path)), path, "not a regular file")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root reads files whatever their permissions")
+def _cli_as_nobody(*args: str, warm: tuple[str, ...] = ()) -> Any:
+    """`cli(*args)` in a forked child that dropped root for `nobody` (root reads mode-000 files);
+    the result comes back through a pipe. `nobody` may not read the interpreter's own files, so
+    the child first runs the CLI on `warm` paths as root, importing what the run will need."""
+    import pickle
+    import types
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            for path in warm:
+                cli(path)
+            os.setgid(65534)
+            os.setuid(65534)
+            res = cli(*args)
+            with os.fdopen(w, "wb") as f:
+                pickle.dump((res.exit_code, res.stdout, res.stderr), f)
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the unprivileged child failed"
+    exit_code, stdout, stderr = pickle.loads(data)
+    return types.SimpleNamespace(exit_code=exit_code, stdout=stdout, stderr=stderr)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
 def test_permission_denied(good_ckpt: Path, tmp_path: Path) -> None:
-    path = tmp_path / "locked.pt"
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    for d in (tmp_path, folder):
+        d.chmod(0o755)  # so that `nobody` reaches the file and meets its own mode
+    path = folder / "locked.pt"
     path.write_bytes(good_ckpt.read_bytes())
     path.chmod(0)
     try:
-        assert_one_error_line(cli(str(path)), path, "permission denied")
+        warm = (str(good_ckpt), str(folder / "missing.pt"))
+        result = _cli_as_nobody(str(path), warm=warm) if os.geteuid() == 0 else cli(str(path))
+        assert_one_error_line(result, path, "permission denied")
     finally:
         path.chmod(0o600)
 

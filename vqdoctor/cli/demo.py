@@ -147,7 +147,7 @@ def _show_watched(out: Console, result: Any, width: int, color: bool) -> None:
 @boundary
 def demo(
     keep: Annotated[Path | None, typer.Option(
-        "--keep", metavar="DIR", file_okay=False,
+        "--keep", readable=False, metavar="DIR", file_okay=False,
         help="Keep the demo's checkpoints and run data in DIR (default: a temporary folder).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the demo runs.")] = 0,

@@ -120,12 +120,12 @@ def watched_run(command: list[str], run_dir: Path | None, probe: Path | None,
 def gate(
     ctx: typer.Context,
     targets: Annotated[list[Path] | None, typer.Argument(
-        metavar="TARGET | -- CMD ARGS", show_default=False,
+        readable=False, metavar="TARGET | -- CMD ARGS", show_default=False,
         help="A run directory (meta.json / rank*.jsonl), or checkpoint file(s) or folder(s) "
              "(several = one run, oldest first); or, after --, a training command to run "
              "watched and gate.")] = None,
     probe: Annotated[Path | None, typer.Option(
-        "--probe", metavar="FILE",
+        "--probe", readable=False, metavar="FILE",
         help="Checkpoints: tensor file of encoder outputs, measured as a second usage source.")
     ] = None,
     min_perplexity: Annotated[str | None, typer.Option(
@@ -159,7 +159,7 @@ def gate(
         help="Allow full unpickling. Runs code from the file: only for files you trust.")
     ] = False,
     run_dir: Annotated[Path | None, typer.Option(
-        "--run-dir", metavar="DIR", file_okay=False,
+        "--run-dir", readable=False, metavar="DIR", file_okay=False,
         help="With -- CMD: where to record the run (default: a new folder under "
              "./vqdoctor-runs/).")] = None,
 ) -> None:

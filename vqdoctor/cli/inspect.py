@@ -65,10 +65,10 @@ def run_inspect(paths: Sequence[Path], **kwargs: Any) -> Report:
 @boundary
 def inspect(
     paths: Annotated[list[Path], typer.Argument(
-        metavar="PATH", show_default=False,
+        readable=False, metavar="PATH", show_default=False,
         help="Checkpoint file(s) or folder(s). Several = one run, oldest first (drift).")],
     probe: Annotated[Path | None, typer.Option(
-        "--probe", metavar="FILE",
+        "--probe", readable=False, metavar="FILE",
         help="Tensor file of encoder outputs (the quantizer's input), or a dict name -> tensor.")
     ] = None,
     quantizer: Annotated[list[str] | None, typer.Option(

@@ -28,7 +28,7 @@ class FailOn(str, Enum):
 FormatOption = Annotated[ReportFormat, typer.Option(
     "--format", "-f", help="Report format.", case_sensitive=False)]
 OutputOption = Annotated[Path | None, typer.Option(
-    "--output", "-o", metavar="FILE", dir_okay=False,
+    "--output", "-o", readable=False, metavar="FILE", dir_okay=False,
     help="Write the report to FILE instead of stdout ('-' = stdout).")]
 FailOnOption = Annotated[FailOn, typer.Option(
     "--fail-on", case_sensitive=False,

@@ -112,7 +112,7 @@ def watch(
         help="A training command to run watched (after --), or a run directory to follow.")
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(
-        "--run-dir", metavar="DIR", file_okay=False,
+        "--run-dir", readable=False, metavar="DIR", file_okay=False,
         help="Where to record the run (default: a new folder under ./vqdoctor-runs/).")] = None,
     flush_every: Annotated[int, typer.Option(
         "--flush-every", metavar="N", min=1,
