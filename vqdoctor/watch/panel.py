@@ -299,10 +299,14 @@ class WatchPanel:
         self._rules_at = time.monotonic()
         if not self.recorded or self._rules_failed:
             return []
+        try:  # imported before the clock starts: a one-time cost must not stretch every wait
+            from vqdoctor.watch.report import build_report
+        except Exception as e:
+            self._rules_failed = True
+            self.errors.append(f"alerts unavailable ({type(e).__name__}: {e})")
+            return []
         t0 = time.perf_counter()
         try:
-            from vqdoctor.watch.report import build_report
-
             report = build_report(self.tail.meta, self.tail.streams, [str(self.run_dir)],
                                   self.thresholds)
         except Exception as e:  # the panel must never stop the training or the report
