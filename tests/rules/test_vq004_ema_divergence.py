@@ -160,3 +160,23 @@ def test_low_precision_in_a_run_is_dated_from_the_first_recorded_step():
     # the dtype is recorded once (a scalar), the series starts at step 40
     q = qev({"ema_lowp": 1.0}, series=frame(range(40, 100, 10), dead_fraction=[0.0] * 6))
     assert one(RULE, run(q)).step == 40
+
+
+def test_rows_divided_by_a_zero_count_name_the_missing_smoothing():
+    g = gen(3)
+    cb = torch.randn(32, 8, generator=g)
+    z = torch.randn(256, 2, generator=g) @ torch.randn(2, 8, generator=g)  # a plane: a few codes hit
+    e, n, m = ema_step(cb, z, eps=0.0)  # zero-init counts, no Laplace smoothing
+    bad = ~torch.isfinite(e).all(1)
+    assert 0 < int(bad.sum()) < 32 and torch.equal(bad, n == 0)
+    f = one(RULE, checkpoint(measured(state(e, counts=n, sums=m))))
+    assert f.severity == "error" and "no_smoothing" in f.evidence["sub_causes"]
+    assert f.evidence["nonfinite_rows_zero_count"] == 1.0
+    # the same step with smoothing (eps 1e-5): blown-up rows, but finite ones
+    e, n, m = ema_step(cb, z, eps=1e-5)
+    assert "no_smoothing" not in one(RULE, checkpoint(measured(state(e, counts=n, sums=m)))).evidence["sub_causes"]
+    # NaN carried in by an input lands on the code it was assigned to, whose count is positive
+    z[0] = float("nan")
+    e, n, m = ema_step(cb, z, counts=torch.ones(32), sums=cb.clone())
+    assert int((~torch.isfinite(e).all(1)).sum()) >= 1
+    assert measured(state(e, counts=n, sums=m)).metrics["nonfinite_rows_zero_count"] == 0.0

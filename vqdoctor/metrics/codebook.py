@@ -326,6 +326,22 @@ def _ema_invariant(q: QuantizerState, dead: torch.Tensor | None) -> dict[str, fl
     return out
 
 
+def _zero_count_rows(cb: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """Share of the non-finite codebook rows whose stored EMA count is exactly 0.
+
+    1 is the signature of `embed_avg / N` with no (or an underflowed) Laplace smoothing: the
+    division makes Inf/NaN exactly where a code was never hit. NaN spreading from the inputs
+    lands on codes that were hit, whose counts are positive.
+    """
+    if counts.shape != cb.shape[:2]:
+        return {}
+    bad = ~torch.isfinite(cb).all(-1)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return {}
+    return {"nonfinite_rows_zero_count": float((bad & (counts == 0)).sum()) / n_bad}
+
+
 def _dtype_name(d: object) -> str:
     return str(d).removeprefix("torch.")
 
@@ -368,6 +384,7 @@ def codebook_metrics(q: QuantizerState) -> dict[str, float]:
     - `cluster_size` stored: count_total, count_expected, dead_fraction, dead_fraction_abs,
       usage_fraction, replaced_fraction, and entropy_norm, perplexity, perplexity_fraction,
       top1_share when some count is positive; nonfinite_cluster_size.
+    - codebook and `cluster_size` with non-finite rows: nonfinite_rows_zero_count.
     - `embed_avg` stored: nonfinite_embed_avg; vq-ema with both EMA buffers: ema_residual_median,
       ema_residual_max; either EMA buffer: ema_lowp.
     - replace_threshold_to_expected when the replacement threshold is known (`extra`) and
@@ -404,6 +421,8 @@ def codebook_metrics(q: QuantizerState) -> dict[str, float]:
         threshold = _positive_extra(q, ("threshold_ema_dead_code", "reset_value"))
         if threshold is not None and out.get("count_expected", 0.0) > 0:
             out["replace_threshold_to_expected"] = threshold / out["count_expected"]
+    if q.codebook is not None and q.cluster_size is not None:
+        out.update(_zero_count_rows(F.as_hkd(q.codebook.detach()), F.as_hk(q.cluster_size.detach())))
     if q.embed_avg is not None:
         out["nonfinite_embed_avg"] = float(F.nonfinite_count(q.embed_avg))
         nonfinite += out["nonfinite_embed_avg"]

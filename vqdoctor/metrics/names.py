@@ -27,6 +27,8 @@ CODEBOOK = {
                          "with no code below it, or with the codes below it on the decay ladder of deferred replacement: "
                          "v g, v g^2, v g^3 each shared by >= 2 codes, g from the most common value below v)",
     # geometry
+    "nonfinite_rows_zero_count": "share of the non-finite codebook rows whose stored EMA count is exactly 0 (1: embed_avg "
+                                 "divided by a zero count, no or underflowed Laplace smoothing)",
     "code_norm_median": "median L2 norm of code vectors (finite, non-zero rows; exact-zero rows are counted by zero_rows); "
                         "with EMA counts, each code weighted by min(count, n/K): the scale of the codes in use",
     "code_norm_min": "smallest code norm",

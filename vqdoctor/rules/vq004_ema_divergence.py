@@ -33,6 +33,10 @@ from it (the SPEC's user story kept the VQ in training mode during evaluation).
   blown rows shrink back (decay^t), but the codes they held stay dead.
 - `ema_residual_max` (relative, live rows) >= `residual_warn` (0.01); healthy EMA codebooks
   read 0 to ~3e-6. When `ema_residual_median` also >= `residual_warn`, the break is systematic.
+- `nonfinite_rows_zero_count` >= `zero_count_rows_min` (0.99): the Inf/NaN codebook rows are
+  exactly the codes whose stored count is 0, the fingerprint of `embed_avg / 0` (missing or
+  underflowed Laplace smoothing); `error`, confidence 0.85. NaN carried in by the inputs lands
+  on codes that were hit (positive counts) and does not match.
 - `ema_lowp` == 1: float16/bfloat16 EMA buffers (`error` once the quantizer's tensors hold
   non-finite values: smoothing has underflowed, and the non-finite rows are its consequence).
 - `eval_mutation` > 0 on any recorded step (run): an event, no sustain needed. It explains the
@@ -103,6 +107,7 @@ class Params:
     blowup_ratio_error: float = 1e3
     residual_warn: float = 0.01
     count_sum_tolerance: float = 2.0
+    zero_count_rows_min: float = 0.99
     sustain_steps: int = 3
     warmup_start_max: float = 0.2
     eval_move_factor: float = 3.0
@@ -210,6 +215,15 @@ def _subs(q: QuantizerEvidence, world: float, p: Params) -> Iterator[_Sub]:
                    ev_eval,
                    "Call model.eval() (or quantizer.eval()) for evaluation passes so they do not update "
                    "the EMA statistics or replace codes from evaluation data.")
+    if h := S.judge(q, "nonfinite_rows_zero_count", lambda v: v >= p.zero_count_rows_min, 1):
+        nf = S.qcol(q, "nonfinite_codebook")  # a run: dated where the codebook first held Inf/NaN
+        since = h.step if h.step is not None or nf is None else S.onset(nf > 0, 1, at_end=False)
+        yield _Sub("no_smoothing", Severity.ERROR, 0.85, since,
+                   f"the codebook rows that hold Inf/NaN are those whose EMA count is exactly 0 ({h.last:.0%}): "
+                   "embed_avg divided by a zero count, without (or with an underflowed) Laplace smoothing",
+                   {"nonfinite_rows_zero_count": h.last},
+                   "Laplace-smooth the counts before dividing ((N + eps) / (n + K eps) * n, eps 1e-5, in "
+                   "float32), start them at ones or debias; re-seed the non-finite rows with their statistics.")
     if h := S.judge(q, "ema_lowp", lambda v: v >= 1, 1):
         broken = _nonfinite_seen(q)  # the underflow has already happened: the mechanism is shown
         # a run records the dtype once: it held from the first recorded step on
