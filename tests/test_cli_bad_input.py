@@ -15,8 +15,10 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -361,11 +363,11 @@ def _cli_as_nobody(*args: str, warm: tuple[str, ...] = ()) -> Any:
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
-def test_permission_denied(good_ckpt: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "shared"
-    folder.mkdir()
-    for d in (tmp_path, folder):
-        d.chmod(0o755)  # so that `nobody` reaches the file and meets its own mode
+def test_permission_denied(good_ckpt: Path) -> None:
+    # a folder `nobody` can enter (pytest's own tmp folders are private to their owner), so that
+    # the file's own mode is what refuses the read
+    folder = Path(tempfile.mkdtemp(prefix="vqdoctor-perm-"))
+    folder.chmod(0o755)
     path = folder / "locked.pt"
     path.write_bytes(good_ckpt.read_bytes())
     path.chmod(0)
@@ -374,7 +376,7 @@ def test_permission_denied(good_ckpt: Path, tmp_path: Path) -> None:
         result = _cli_as_nobody(str(path), warm=warm) if os.geteuid() == 0 else cli(str(path))
         assert_one_error_line(result, path, "permission denied")
     finally:
-        path.chmod(0o600)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
