@@ -330,7 +330,6 @@ def _cli_as_nobody(*args: str, warm: tuple[str, ...] = ()) -> Any:
     """`cli(*args)` in a forked child that dropped root for `nobody` (root reads mode-000 files);
     the result comes back through a pipe. `nobody` may not read the interpreter's own files, so
     the child first runs the CLI on `warm` paths as root, importing what the run will need."""
-    import pickle
     import types
 
     r, w = os.pipe()
