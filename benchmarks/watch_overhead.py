@@ -63,6 +63,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vqdoctor  # noqa: E402
+from tests.watch.watch_models import SyncFreeEMAQuantizer  # noqa: E402  (the no-sync test's quantizer)
 
 # (image size, batch, K) per tokens-per-step config, as in the GPU anchors; "cpu" is the CPU reference
 CONFIGS = {
@@ -70,36 +71,6 @@ CONFIGS = {
     65536: {"size": 128, "batch": 64, "K": 8192, "width": 128, "code": 64},
     "cpu": {"size": 32, "batch": 8, "K": 256, "width": 32, "code": 32},
 }
-
-
-class SyncFreeEMAQuantizer(nn.Module):
-    """Sonnet-style EMA VQ without host reads or data-dependent shapes (argmin, scatter one-hot,
-    EMA with Laplace smoothing, straight-through). Input channels-last [..., D]."""
-
-    def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, eps: float = 1e-5, beta: float = 0.25):
-        super().__init__()
-        self.decay, self.eps, self.beta, self.K = decay, eps, beta, codebook_size
-        embed = torch.randn(codebook_size, dim)
-        self.register_buffer("embed", embed)
-        self.register_buffer("cluster_size", torch.ones(codebook_size))
-        self.register_buffer("embed_avg", embed.clone())
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        flat = z.reshape(-1, z.shape[-1])
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)
-        idx = dist.argmin(1)
-        q = self.embed.index_select(0, idx).view_as(z)
-        if self.training:
-            with torch.no_grad():
-                onehot = torch.zeros(flat.shape[0], self.K, device=z.device, dtype=flat.dtype)
-                onehot.scatter_(1, idx[:, None], 1.0)
-                self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-                self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat.detach(), alpha=1 - self.decay)
-                n = self.cluster_size.sum()
-                smoothed = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
-                self.embed.copy_(self.embed_avg / smoothed[:, None])
-        out = z + (q - z).detach()
-        return out, self.beta * F.mse_loss(z, q.detach()), idx.view(z.shape[:-1])
 
 
 class ConvVQVAE(nn.Module):

@@ -29,11 +29,11 @@ import time
 import types
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vqdoctor.errors import NoQuantizerError
+from vqdoctor.watch.alerts import Alert, by_step, merge
 from vqdoctor.watch.store import (
     SCHEMA_VERSION,
     RunStore,
@@ -77,29 +77,6 @@ replacement on fails to compile under inductor without vqdoctor too ("Node view 
 but is output", in its replace path). Should a hook ever be traced anyway (a torch build
 without torch._dynamo.disable), it detects that (torch.compiler.is_compiling()) and does
 nothing, so the training is unaffected."""
-
-
-@dataclass(frozen=True)
-class Alert:
-    """A finding seen while the run was being recorded.
-
-    Attributes:
-        id: failure-mode id, e.g. "dead-codes".
-        code: e.g. "VQ005".
-        severity: "error" or "warning".
-        quantizer: quantizer name, None for run-wide findings.
-        step: the step at which the condition first held.
-        message: one line.
-        confidence: 0..1.
-    """
-
-    id: str
-    code: str
-    severity: str
-    quantizer: str | None
-    step: int | None
-    message: str
-    confidence: float
 
 
 def _rank_world() -> tuple[int, int]:
@@ -382,17 +359,10 @@ class Doctor:
                 from vqdoctor.watch.report import build_report
 
                 meta, streams = self._records()
-                for f in build_report(meta, streams, [str(self.run_dir)]).findings:
-                    if f.severity not in ("error", "warning"):
-                        continue
-                    key = (f.id, f.quantizer)
-                    old = self._alerts.get(key)
-                    if old is None or (f.step is not None and (old.step is None or f.step < old.step)):
-                        self._alerts[key] = Alert(f.id, f.code, f.severity, f.quantizer, f.step, f.message,
-                                                  f.confidence)
+                merge(self._alerts, build_report(meta, streams, [str(self.run_dir)]).findings)
             except Exception as e:
                 warnings.warn(f"vqdoctor: alerts unavailable ({type(e).__name__}: {e})", WatchWarning, stacklevel=2)
-        return sorted(self._alerts.values(), key=lambda a: (a.step is None, a.step or 0, a.id))
+        return by_step(self._alerts.values())
 
 
 def _live_initted(q: LiveQuantizer) -> bool | None:

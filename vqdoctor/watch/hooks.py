@@ -29,8 +29,9 @@ What runs when (per quantizer; K codes, H heads, F = flush_every, C = stats_ever
   against a snapshot because libraries update buffers through `.data`, which bypasses version
   counters) and changed forwards are counted (`eval_mutation`), with how far they moved the
   codebook (`eval_codebook_rms_change`). Not counted as usage.
-- **`doctor.step(loss=...)`**: the loss is copied into the device row `run[step % F]`
-  (`copy_`, no `.item()`); a Python float is kept on the host.
+- **`doctor.step(loss=...)`**: a reference to the detached loss tensor is kept (no kernel, no
+  `.item()`); the flush stacks the interval's losses into their rows in one copy. A Python
+  float is kept on the host.
 - **Every F steps** (flush): one device->host copy of the single flat buffer holding all of the
   above, then per-step metrics are computed on the host (perplexity, entropy, windowed usage,
   dead fraction, scale ratio, ...) and appended to the run store. The only synchronisation of

@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from vqdoctor.report.model import Report
-    from vqdoctor.watch.panel import PanelAlert
+    from vqdoctor.watch.alerts import Alert
 
 ENV_CONFIG = "VQDOCTOR_WATCH"
 """Environment variable carrying the watch configuration (JSON) to the child interpreters."""
@@ -113,7 +113,7 @@ class WatchedRun:
     status: str
     command: tuple[str, ...]
     note: str | None = None
-    alerts: tuple[PanelAlert, ...] = ()
+    alerts: tuple[Alert, ...] = ()
 
     @property
     def recorded(self) -> bool:

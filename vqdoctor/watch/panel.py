@@ -30,7 +30,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,46 +37,13 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from vqdoctor.watch.alerts import Alert, by_step, merge
 from vqdoctor.watch.store import read_meta, stream_paths
 
-# an alert line is cut to this many characters of message
-MESSAGE_CHARS = 90
 # quantizers shown (the rest are counted)
 MAX_QUANTIZERS = 8
 # alerts shown in the terminal panels (most recent first-held steps last)
 MAX_ALERTS = 6
-
-
-@dataclass(frozen=True)
-class PanelAlert:
-    """A finding seen while the run was being recorded (error or warning).
-
-    Attributes:
-        id: failure-mode id, e.g. "dead-codes".
-        code: e.g. "VQ005".
-        severity: "error" or "warning".
-        quantizer: quantizer name, None for run-wide findings.
-        step: the step at which the condition first held.
-        message: one line.
-        seen_at: the newest recorded step when the panel first raised it.
-    """
-
-    id: str
-    code: str
-    severity: str
-    quantizer: str | None
-    step: int | None
-    message: str
-    seen_at: int | None = None
-
-    def line(self) -> str:
-        """`ALERT VQ005 dead-codes (quantizer) @step 120: message`."""
-        where = f" ({self.quantizer})" if self.quantizer else ""
-        at = f" @step {self.step}" if self.step is not None else ""
-        msg = " ".join(self.message.split())
-        if len(msg) > MESSAGE_CHARS:
-            msg = msg[: MESSAGE_CHARS - 3] + "..."
-        return f"ALERT {self.code} {self.id}{where}{at}: {msg}"
 
 
 class RunTail:
@@ -222,7 +188,7 @@ class WatchPanel:
         self.latest: dict[str, dict[str, float]] = {}
         self.step: int | None = None
         self.loss: float | None = None
-        self.alerts: dict[tuple[str, str | None], PanelAlert] = {}
+        self.alerts: dict[tuple[str, str | None], Alert] = {}
         self.errors: list[str] = []
         self.last_report: Any = None
         self._report_state: tuple | None = None
@@ -248,7 +214,7 @@ class WatchPanel:
         """Ranks seen (meta's world size, or the number of streams)."""
         return max(int(self.tail.meta.get("world_size") or 1), len(self.tail.streams), 1)
 
-    def refresh(self, *, rules: bool | None = None) -> list[PanelAlert]:
+    def refresh(self, *, rules: bool | None = None) -> list[Alert]:
         """Read new records; run the rules when due (or when `rules` is True).
 
         Returns:
@@ -294,7 +260,7 @@ class WatchPanel:
             return self._run_rules()
         return []
 
-    def _run_rules(self) -> list[PanelAlert]:
+    def _run_rules(self) -> list[Alert]:
         self._dirty = False
         self._rules_at = time.monotonic()
         if not self.recorded or self._rules_failed:
@@ -317,20 +283,7 @@ class WatchPanel:
             self._rules_cost = time.perf_counter() - t0
         self.last_report = report
         self._report_state = self.tail.state()
-        raised: list[PanelAlert] = []
-        for f in report.findings:
-            if f.severity not in ("error", "warning"):
-                continue
-            key = (f.id, f.quantizer)
-            old = self.alerts.get(key)
-            if old is not None and (f.step is None or (old.step is not None and old.step <= f.step)):
-                continue
-            alert = PanelAlert(f.id, f.code, f.severity, f.quantizer, f.step, f.message,
-                               old.seen_at if old is not None else self.step)
-            self.alerts[key] = alert
-            if old is None:
-                raised.append(alert)
-        return raised
+        return merge(self.alerts, report.findings, self.step)
 
     def current_report(self) -> Any:
         """The report of the last rules run when nothing was written since (else None): the
@@ -339,9 +292,9 @@ class WatchPanel:
             return None
         return self.last_report if self.tail.state(on_disk=True) == self._report_state else None
 
-    def sorted_alerts(self) -> list[PanelAlert]:
+    def sorted_alerts(self) -> list[Alert]:
         """Alerts by the step they first held (run-wide ones without a step last)."""
-        return sorted(self.alerts.values(), key=lambda a: (a.step is None, a.step or 0, a.id))
+        return by_step(self.alerts.values())
 
     # ------------------------------------------------------------------ views
 
@@ -430,7 +383,7 @@ class Display:
         self.console = console
         self.title = title
 
-    def update(self, *, final: bool = False) -> list[PanelAlert]:
+    def update(self, *, final: bool = False) -> list[Alert]:
         """Refresh the panel (rules when due; always when `final`) and show it."""
         return self.panel.refresh(rules=True if final else None)
 
@@ -462,7 +415,7 @@ class LineDisplay(Display):
     def _say(self, text: str) -> None:
         self.console.print(Text(f"vqdoctor: {text}"), soft_wrap=True)
 
-    def update(self, *, final: bool = False) -> list[PanelAlert]:
+    def update(self, *, final: bool = False) -> list[Alert]:
         alerts = super().update(final=final)
         now = time.monotonic()
         news = self.panel.step is not None and self.panel.step != self._last_step
@@ -485,7 +438,7 @@ class LiveDisplay(Display):
                           transient=False, redirect_stdout=False, redirect_stderr=False)
         self._live.start()
 
-    def update(self, *, final: bool = False) -> list[PanelAlert]:
+    def update(self, *, final: bool = False) -> list[Alert]:
         alerts = super().update(final=final)
         self._live.update(self.panel.renderable(self.title), refresh=True)
         return alerts
@@ -540,7 +493,7 @@ class PinnedDisplay(Display):
         except OSError:
             pass
 
-    def update(self, *, final: bool = False) -> list[PanelAlert]:
+    def update(self, *, final: bool = False) -> list[Alert]:
         alerts = super().update(final=final)
         width, height = self._size()
         lines = self._lines(width)[: max(1, min(self.max_rows, height // 2))]
@@ -650,5 +603,5 @@ def follow_run(run_dir: str | os.PathLike[str], *, mode: str = "auto", console: 
     return panel
 
 
-__all__ = ["Display", "LineDisplay", "LiveDisplay", "NullDisplay", "PanelAlert", "PinnedDisplay",
+__all__ = ["Alert", "Display", "LineDisplay", "LiveDisplay", "NullDisplay", "PinnedDisplay",
            "RunTail", "WatchPanel", "follow_run", "open_display"]
