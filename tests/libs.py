@@ -28,3 +28,20 @@ def encodec_core_vq():
         if placeholder:
             sys.modules.pop("torchaudio", None)
     return core_vq
+
+
+def lucidrains_version() -> tuple[int, ...]:
+    """The installed vector-quantize-pytorch release as a tuple ((0,) when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(p) for p in version("vector-quantize-pytorch").split(".")[:3] if p.isdigit())
+    except PackageNotFoundError:
+        return (0,)
+
+
+# vector-quantize-pytorch >= 1.34: EMA statistics start at zero, the codebook is
+# (embed_avg + eps * embed) / (cluster_size + eps) (no Laplace smoothing), dead codes are those
+# below `dead_code_threshold_ratio` x the mean count and are reset to a ratio of it, and k-means
+# init writes only `embed`. Tests whose expected numbers follow from that arithmetic branch on it.
+LUCIDRAINS_ZERO_INIT = lucidrains_version() >= (1, 33)

@@ -14,6 +14,9 @@ from vqdoctor.errors import NoQuantizerError
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.generic import explicit
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 
 def test_demo_layout_found_by_generic(tmp_path):
     model = trained("demo")

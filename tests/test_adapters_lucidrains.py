@@ -7,11 +7,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tests.libs import LUCIDRAINS_ZERO_INIT
 from tests.sources import source_from_state_dict
 from vqdoctor.checkpoint import open_checkpoint
 from vqdoctor.errors import NoQuantizerError
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.lucidrains import fsq_state
+
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 LIB = "vector-quantize-pytorch"
@@ -241,16 +245,39 @@ def test_fsq_state_helper():
 
 
 def test_reset_cluster_size_from_config_is_the_reset_value(tmp_path):
-    """lucidrains resets a replaced code's count to `reset_cluster_size` (default: the threshold);
-    a config that names it makes replaced_fraction exact, without inference."""
+    """lucidrains <= 1.32 resets a replaced code's count to `reset_cluster_size` (default: the
+    threshold): a config that names it makes replaced_fraction exact, without inference. From 1.34
+    the reset count is `reset_cluster_size_ratio` x the mean count of that step, so the codes reset
+    in the last forward share one exact value, found without the config."""
     from vqdoctor.metrics.codebook import codebook_metrics
 
+    if LUCIDRAINS_ZERO_INIT:
+        vq = vqp.VectorQuantize(dim=16, codebook_size=32, decay=0.8, dead_code_threshold_ratio=0.5)
+        last: dict[str, float] = {}
+        replace = vq._codebook.replace
+
+        def observed(samples, batch_mask, seq_mask=None):  # the library's own call, recorded
+            last["share"] = float(batch_mask.float().mean())
+            return replace(samples, batch_mask=batch_mask, seq_mask=seq_mask)
+
+        vq._codebook.replace = observed
+        vq.train()
+        for _ in range(3):
+            last.clear()
+            vq(torch.randn(2, 32, 16))
+        assert 0 < last["share"] < 1  # the final forward replaced some codes
+        [s] = discover(saved(vq, tmp_path, config={"vq": {"dead_code_threshold_ratio": 0.5}}))
+        assert s.ema_rule == "eps-blend" and s.extra["dead_code_threshold_ratio"] == 0.5
+        m = codebook_metrics(s)
+        assert m["replaced_fraction"] == pytest.approx(last["share"])
+        assert m["replace_threshold_to_expected"] == pytest.approx(0.5)
+        return
     vq = vqp.VectorQuantize(dim=16, codebook_size=32, decay=0.8, threshold_ema_dead_code=2)
     vq._codebook.reset_cluster_size = 0.5  # a codebook argument VectorQuantize does not expose
     train(vq)
     src = saved(vq, tmp_path, config={"vq": {"threshold_ema_dead_code": 2, "reset_cluster_size": 0.5}})
     [s] = discover(src)
-    assert s.extra["reset_cluster_size"] == 0.5
+    assert s.extra["reset_cluster_size"] == 0.5 and s.ema_rule == "laplace"
     expected = float((vq._codebook.cluster_size == 0.5).float().mean())
     assert 0 < expected < 1  # below 1: never inferred without the config
     assert codebook_metrics(s)["replaced_fraction"] == expected

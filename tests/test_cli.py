@@ -534,6 +534,7 @@ def vq_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @real
+@pytest.mark.library
 def test_inspect_real_checkpoint_json(runner: CliRunner, vq_checkpoint: Path) -> None:
     result = invoke(runner, "inspect", str(vq_checkpoint), "--format", "json", "--fail-on",
                     "never")
@@ -549,6 +550,7 @@ def test_inspect_real_checkpoint_json(runner: CliRunner, vq_checkpoint: Path) ->
 
 
 @real
+@pytest.mark.library
 @pytest.mark.parametrize("fmt", ["text", "markdown"])
 def test_inspect_real_checkpoint_human(runner: CliRunner, vq_checkpoint: Path, fmt: str) -> None:
     result = invoke(runner, "inspect", str(vq_checkpoint), "--format", fmt)

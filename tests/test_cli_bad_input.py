@@ -31,6 +31,9 @@ from tests.fixtures.reference_quantizers import Quantize, VectorQuantizer2
 from tests.libs import encodec_core_vq
 from vqdoctor.cli import app
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 ROOT = Path(__file__).parents[1]
 
 

@@ -26,6 +26,9 @@ from vqdoctor.cli import app
 from vqdoctor.watch.panel import PinnedDisplay, RunTail, WatchPanel, follow_run, open_display
 from vqdoctor.watch.store import write_json_atomic
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 SMOKE = Path(__file__).parents[1] / "examples" / "ci" / "smoke_train.py"
 
 

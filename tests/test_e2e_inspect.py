@@ -26,9 +26,12 @@ from typer.testing import CliRunner
 
 import vqdoctor
 from tests.fixtures.reference_quantizers import Quantize, VectorQuantizer2, VectorQuantizerEMA
-from tests.libs import encodec_core_vq
+from tests.libs import LUCIDRAINS_ZERO_INIT, encodec_core_vq
 from vqdoctor.cli import app
 from vqdoctor.report.model import Report
+
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
 
 Paths = dict[str, Any]
 
@@ -325,7 +328,9 @@ def test_dead_codes_high_dim_init_low_dim_data(dead_lucidrains) -> None:
         report = inspect(dead_lucidrains["ckpt"], probe=probe)
         assert diagnosis(report) == "dead-codes"
         m = metrics(report)
-        assert m["dead_fraction"] > 0.4 and m["zero_row_fraction"] > 0.4
+        assert m["dead_fraction"] > 0.4
+        # <= 1.32: unused rows decay to the origin with their counts; >= 1.34 keeps them at init
+        assert (m["zero_row_fraction"] == 0.0) if LUCIDRAINS_ZERO_INIT else (m["zero_row_fraction"] > 0.4)
         ev = report.diagnosis.evidence
         assert ev["source"] in ("dead_fraction", "probe_dead_fraction") and ev["dead_codes"] > 100
         found = {f.id for f in report.findings}
@@ -336,12 +341,24 @@ def test_dead_codes_high_dim_init_low_dim_data(dead_lucidrains) -> None:
 
 def test_dead_code_growth_between_two_checkpoints(dead_lucidrains) -> None:
     early = inspect(dead_lucidrains["early"])
-    assert_healthy(early)
     report = inspect(dead_lucidrains["early"], dead_lucidrains["ckpt"])
-    assert diagnosis(report) == "dead-codes"
     m = metrics(report)
-    assert m["dead_fraction_first"] == 0.0 and m["dead_fraction_delta"] > 0.4
     ev = report.diagnosis.evidence
+    if LUCIDRAINS_ZERO_INIT:
+        # zero-initialised counts: a code never selected holds exactly 0 from the first step, so
+        # the early checkpoint already shows the dead codes the later one has. Its row is never
+        # touched either (no decay to the origin), so two checkpoints also show the selected codes
+        # at the data scale, ~160x the never-selected ones still at lucidrains' tiny init: the
+        # init-scale mismatch that stranded them, ranked above the dead codes it explains
+        assert diagnosis(early) == "dead-codes"
+        assert metrics(early)["dead_fraction"] > 0.4 and m["dead_fraction_first"] > 0.4
+        assert diagnosis(report) == "scale-mismatch" and ev["moved_rows_norm_ratio"] > 50
+        assert "dead-codes" in [i for i, _ in ids(report)]
+        return
+    assert diagnosis(report) == "dead-codes"
+    # ones-initialised counts take ln(0.01)/ln(0.8) ~ 21 steps to fall below 1% of n/K
+    assert_healthy(early)
+    assert m["dead_fraction_first"] == 0.0 and m["dead_fraction_delta"] > 0.4
     assert ev["dead_fraction_first"] == 0.0 and ev["dead_fraction_delta"] > 0.4
     assert "up from 0.0%" in report.diagnosis.message
     assert "frozen-codebook" not in {f.id for f in report.findings}
@@ -706,6 +723,14 @@ def rvq_stage1_churn(lib, out: Path) -> Paths:
 
 
 def test_residual_stage1_sick_stage0_clean(rvq_stage1_churn) -> None:
+    if LUCIDRAINS_ZERO_INIT:
+        # >= 1.34 converts threshold_ema_dead_code=2 to a ratio of the mean count (2/K per stage)
+        # and resets to that ratio: a threshold can no longer exceed n/K, so this cannot churn
+        report = inspect(rvq_stage1_churn["ckpt"], probe=rvq_stage1_churn["probe"])
+        assert report.verdict == "healthy", ids(report)
+        assert [metrics(report, q)["replaced_fraction"] for q in ("quantizer.layers.0", "quantizer.layers.1")] \
+            == [0.0, 0.0]
+        return
     for probe in (None, rvq_stage1_churn["probe"]):
         report = inspect(rvq_stage1_churn["ckpt"], probe=probe)
         assert [q.name for q in report.quantizers] == ["quantizer.layers.0", "quantizer.layers.1"]

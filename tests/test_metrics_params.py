@@ -16,6 +16,9 @@ import vqdoctor
 from vqdoctor.checkpoint import open_checkpoint
 from vqdoctor.metrics.params import param_drift, side_of
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
 

@@ -15,6 +15,9 @@ from vqdoctor.metrics.names import CODEBOOK, PROBE
 from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
 from vqdoctor.quantizers.base import QuantizerState
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
 

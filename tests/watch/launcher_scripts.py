@@ -51,7 +51,9 @@ elif name == "dead-codes":  # a 64-d N(0, 1) codebook, no k-means, no replacemen
     vq = lucid_vq(dim=64, codebook_size=256, kmeans_init=False, threshold_ema_dead_code=0, decay=0.99)
     with torch.no_grad():
         vq._codebook.embed.normal_()
-        vq._codebook.embed_avg.copy_(vq._codebook.embed)
+        # keep the EMA sums consistent with the counts (ones before vector-quantize-pytorch 1.34,
+        # zeros since): embed_avg = embed * cluster_size under either arithmetic
+        vq._codebook.embed_avg.copy_(vq._codebook.embed * vq._codebook.cluster_size[..., None])
     model = QuantAE(vq, code_dim=64, z_scale=4.0)
 
     def kill(i):
@@ -63,7 +65,7 @@ elif name == "scale-mismatch":  # diffusers' uniform(+-1/K) codebook against enc
     model = QuantAE(diffusers_vq(), layout="bdhw", unpack=unpack_diffusers, z_scale=100.0)
 elif name == "eval-mutation":  # the VQ left in training mode for no-grad evaluation passes
     model = healthy_lucid()
-    held_out = make_data(3, seed=7, scale=5.0)
+    held_out = make_data(3, seed=7, scale=20.0)  # far from the training data: it drags the codes
 
     def evaluate(i):
         if i % 20 == 10:

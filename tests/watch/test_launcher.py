@@ -23,6 +23,9 @@ from tests.watch.launcher_scripts import DDP, SCENARIO
 from vqdoctor.watch.launcher import BOOT_DIR, ENV_CONFIG
 from vqdoctor.watch.store import load_records, read_meta
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 150
 FLAGS = ["--flush-every", "25", "--stats-every", "5", "--no-panel", "--format", "json"]
@@ -41,7 +44,8 @@ SCENARIOS: dict[str, tuple[str | None, list[str]]] = {
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (ENV_CONFIG, "PYTHONPATH")}
+    # PYTHONPATH is kept: the version matrix puts another release of a library first on it
+    env = {k: v for k, v in os.environ.items() if k != ENV_CONFIG}
     env.update(NO_COLOR="1", PYTHONUNBUFFERED="1")
     return env
 
@@ -67,7 +71,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
                                 "--nproc_per_node", "2", "train_ddp.py", mode], None)
     # the single-process reference runs with the launcher's environment only (no vqdoctor parent)
     env = _env()
-    env["PYTHONPATH"] = str(BOOT_DIR)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BOOT_DIR), env.get("PYTHONPATH", "")) if p)
     env[ENV_CONFIG] = json.dumps({"run_dir": str(root / "run-ddp-single"), "flush_every": 20, "stats_every": 5})
     jobs["ddp-single"] = ([sys.executable, "train_ddp.py", "single"], env)
     # the slowest first: the DDP runs start three interpreters each

@@ -20,10 +20,14 @@ from tests.watch.launcher_scripts import ROOTS
 from vqdoctor.watch.launcher import BOOT_DIR, ENV_CONFIG, watch_config, watch_env
 from vqdoctor.watch.store import load_records, read_meta
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 
 def _env(run_dir: Path, *pythonpath: Path, config: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (ENV_CONFIG, "PYTHONPATH")}
-    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (BOOT_DIR, *pythonpath))
+    env = {k: v for k, v in os.environ.items() if k != ENV_CONFIG}
+    # an existing PYTHONPATH stays last: the version matrix puts another library release on it
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (BOOT_DIR, *pythonpath, env.get("PYTHONPATH", "")) if p)
     env[ENV_CONFIG] = config if config is not None else json.dumps(
         {"run_dir": str(run_dir), "flush_every": 10, "stats_every": 5, "command": ["python", "x.py"]})
     return env

@@ -22,6 +22,9 @@ from tests.watch.watch_models import (
 )
 from vqdoctor.watch.live import LiveSpec
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 
 def _lucid():
     return QuantAE(lucid_vq(kmeans_init=True, threshold_ema_dead_code=2, decay=0.8)), ["quantizer"], \

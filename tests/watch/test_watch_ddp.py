@@ -14,9 +14,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import vqdoctor
+
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,6 +19,9 @@ from tests.watch.watch_models import (
     unpack_diffusers,
 )
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 STEPS = 150
 
 
@@ -32,7 +35,9 @@ def _dead_codes() -> dict[str, Any]:
     vq = lucid_vq(dim=64, codebook_size=256, kmeans_init=False, threshold_ema_dead_code=0, decay=0.99)
     with torch.no_grad():
         vq._codebook.embed.normal_()
-        vq._codebook.embed_avg.copy_(vq._codebook.embed)
+        # keep the EMA sums consistent with the counts (ones before vector-quantize-pytorch 1.34,
+        # zeros since): embed_avg = embed * cluster_size under either arithmetic
+        vq._codebook.embed_avg.copy_(vq._codebook.embed * vq._codebook.cluster_size[..., None])
     return {"model": QuantAE(vq, code_dim=64, z_scale=4.0)}
 
 
@@ -44,7 +49,7 @@ def _scale_mismatch() -> dict[str, Any]:
 def _eval_mutation() -> dict[str, Any]:
     # "the VQ kept in training mode during evaluation": EMA statistics updated by no_grad passes
     model = QuantAE(lucid_vq(codebook_size=32, kmeans_init=True, threshold_ema_dead_code=2, decay=0.8))
-    evaluation = make_data(3, seed=7, scale=5.0)  # another distribution
+    evaluation = make_data(3, seed=7, scale=20.0)  # another distribution, far from the training data
 
     def evaluate(i: int) -> None:
         if i % 20 == 10:

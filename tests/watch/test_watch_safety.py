@@ -27,6 +27,9 @@ from tests.watch.watch_models import (
 from vqdoctor.watch import WatchWarning
 from vqdoctor.watch.live import LiveSpec
 
+# Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
+pytestmark = pytest.mark.library
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

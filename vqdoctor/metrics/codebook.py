@@ -13,21 +13,12 @@ import math
 
 import torch
 
+from vqdoctor.metrics import device
 from vqdoctor.metrics import functional as F
+from vqdoctor.metrics import usage as U
+from vqdoctor.metrics.constants import BLOWUP_FACTOR, DEAD_ABS, DEAD_REL, NEAR_ZERO_REF, ZERO_REL
 from vqdoctor.quantizers.base import QuantizerState
 
-# A code is dead below 1% of its uniform share n/K (names.py `dead_fraction`): the EMA count of
-# a code unused for ln(0.01)/ln(γ) steps (459 at γ = 0.99, 21 at γ = 0.8), far below the
-# replacement thresholds libraries use (lucidrains/encodec: 2 at n/K ≈ 4..32, i.e. 6..50%), so
-# codes counted dead really stopped being selected.
-DEAD_REL = 0.01
-# Absolute floor reported separately (`dead_fraction_abs`): research note §6.3 / ESM3 practice.
-DEAD_ABS = 1e-3
-# Blow-up: zero-initialised EMA counts inflate unused rows by γ/ε ≈ 1e5 after one step (§2.3);
-# healthy codebooks rarely span more than 10x in norm, so 100x the median separates the two.
-BLOWUP_FACTOR = 100.0
-# A row below 1e-3 x median norm has drifted to the origin (lucidrains dead-code decay, §2.3).
-ZERO_REL = 1e-3
 # Near-duplicate: nearest other code closer than 1% of the median inter-code distance. Copies of
 # one vector (replacement from one sample, collapsed dead rows) sit at ~0; random codes come that
 # close only in very low dimension (nearest-neighbour spacing ~ K^(-1/D): D = 1 with K > ~100,
@@ -35,9 +26,6 @@ ZERO_REL = 1e-3
 DUPLICATE_REL = 1e-2
 # Pairwise statistics on at most this many codes (a 4096^2 float32 distance matrix, chunked).
 PAIRWISE_MAX_CODES = 4096
-# No blow-up reference below this x the median of all non-zero rows (the codes in use at ~0);
-# the same floor as `watch` (watch.hooks.NEAR_ZERO_REF).
-NEAR_ZERO_REF = 1e-6
 # lucidrains resets replaced codes' counts to exactly `reset_cluster_size`; a shared exact value
 # counts as a reset value when at least this share of codes holds it.
 REPLACED_MIN_SHARE = 0.05
@@ -62,8 +50,12 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _reset_share(c: torch.Tensor, reset_value: float | None) -> float:
-    """Share of codes (finite counts `c` of one head) holding the replacement reset value."""
+def _reset_share(c: torch.Tensor, reset_value: float | None, ones_init: bool = True) -> float:
+    """Share of codes (finite counts `c` of one head) holding the replacement reset value.
+
+    `ones_init` False: zero-initialised counts (vector-quantize-pytorch >= 1.34), whose reset
+    value is a ratio of the mean count, any size, and whose never-hit codes hold exactly 0.
+    """
     k = c.numel()
     if k == 0:
         return 0.0
@@ -79,7 +71,7 @@ def _reset_share(c: torch.Tensor, reset_value: float | None) -> float:
         v = float(values[i])
         # Never-used codes of a ones-initialised EMA all hold exactly γ^t < 1, so only values >= 1
         # are read as reset values when the library's reset value is not known.
-        if v < 1.0 or int(n[i]) < max(2, math.ceil(REPLACED_MIN_SHARE * k)):
+        if (ones_init and v < 1.0) or int(n[i]) < max(2, math.ceil(REPLACED_MIN_SHARE * k)):
             return 0.0
         # Replacement resets every code below the threshold to the reset value (lucidrains: the
         # threshold itself by default), so right after it no code is below that value, unless the
@@ -88,7 +80,7 @@ def _reset_share(c: torch.Tensor, reset_value: float | None) -> float:
         # decaying by γ per step without a hit, and they sit on the ladder v γ, v γ^2, v γ^3, ...
         # A tie above the smallest count that is neither is something else (integer k-means bin
         # sizes that EMA decay 1.0 never moves, codes decaying in lockstep from equal starts).
-        if v > float(c.min()) and not _decay_ladder(values, n, i):
+        if v > float(c.min() if ones_init else nz.min()) and not _decay_ladder(values, n, i):
             return 0.0
         hits = int(n[i])
     # Every code equal is the initial state (lucidrains initialises counts to ones), not a reset.
@@ -119,7 +111,8 @@ def _decay_ladder(values: torch.Tensor, n: torch.Tensor, i: int) -> bool:
     return True
 
 
-def count_metrics(counts: torch.Tensor, reset_value: float | None = None) -> dict[str, float]:
+def count_metrics(counts: torch.Tensor, reset_value: float | None = None,
+                  ones_init: bool = True) -> dict[str, float]:
     """Usage metrics from EMA counts (`cluster_size`), averaged over heads.
 
     Produces count_total, count_expected, dead_fraction, dead_fraction_abs, usage_fraction,
@@ -130,6 +123,7 @@ def count_metrics(counts: torch.Tensor, reset_value: float | None = None) -> dic
         counts: `[K]` or `[H, K]` counts (non-finite entries are ignored).
         reset_value: the library's replacement reset count when known (lucidrains
             `reset_cluster_size`, default `threshold_ema_dead_code`); else inferred.
+        ones_init: the library starts counts at ones (see `_reset_share`).
 
     Returns:
         metric name -> value.
@@ -149,18 +143,20 @@ def count_metrics(counts: torch.Tensor, reset_value: float | None = None) -> dic
         total = float(fin.clamp_min(0).sum())
         add("count_total", total)
         add("count_expected", total / K)
-        dead = float(F.dead_mask(fin, DEAD_REL).double().mean())
+        if total <= 0:  # zero-initialised counts never updated: no usage is known, none is dead
+            continue
+        # dead among the finite counts (non-finite ones are counted apart, nonfinite_cluster_size);
+        # the distribution over all K codes (non-finite as 0): metrics.usage either way
+        dead = U.dead_fraction(fin.numpy())
         add("dead_fraction", dead)
         add("dead_fraction_abs", float((fin < DEAD_ABS).double().mean()))
         add("usage_fraction", 1.0 - dead)
-        add("replaced_fraction", _reset_share(fin, reset_value))
-        if total > 0:
-            p = F.usage_distribution(row)
-            h_nats = float(F.entropy(p))
-            add("entropy_norm", h_nats / math.log(K) if K > 1 else 1.0)
-            add("perplexity", math.exp(h_nats))
-            add("perplexity_fraction", math.exp(h_nats) / K)
-            add("top1_share", float(p.max()))
+        add("replaced_fraction", _reset_share(fin, reset_value, ones_init))
+        u = U.head_usage(row.numpy()[None])
+        add("entropy_norm", float(u["entropy_norm"][0]))
+        add("perplexity", float(u["perplexity"][0]))
+        add("perplexity_fraction", float(u["perplexity"][0]) / K)
+        add("top1_share", float(u["top1_share"][0]))
     return {k: m for k, v in acc.items() if (m := _mean(v)) is not None}
 
 
@@ -168,10 +164,10 @@ def usage_weights(counts: torch.Tensor) -> torch.Tensor:
     """Per-code weight for the reference norm: min(N_i, n/K) per head (non-finite -> 0).
 
     A code counts fully once it is used at its uniform share n/K, and in proportion below it.
-    So untouched rows whose counts merely decay from their initial value (lucidrains starts
-    them at 1) weigh a fraction of a used code each, and a code that took most inputs in a
-    collapse weighs no more than any other used code. With uniform usage this is the plain
-    median over codes.
+    So untouched rows whose counts merely decay from their initial value (lucidrains <= 1.32
+    starts them at 1) weigh a fraction of a used code each, and a code that took most inputs in
+    a collapse weighs no more than any other used code. With uniform usage this is the plain
+    median over codes. The watch computes the same on the device (`metrics.device.usage_weights`).
 
     Args:
         counts: `[H, K]` EMA counts.
@@ -179,9 +175,7 @@ def usage_weights(counts: torch.Tensor) -> torch.Tensor:
     Returns:
         float64 `[H, K]` weights.
     """
-    c = torch.nan_to_num(counts.detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
-    share = c.sum(-1, keepdim=True) / max(int(c.shape[-1]), 1)
-    return torch.minimum(c, share)
+    return device.usage_weights(counts.detach())
 
 
 def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None) -> dict[str, float]:
@@ -314,7 +308,8 @@ def _ema_invariant(q: QuantizerState, dead: torch.Tensor | None) -> dict[str, fl
     # Non-finite counts would poison n = sum N for the whole head; smooth over the finite ones.
     n_clean = torch.where(n_ok, n, torch.zeros_like(n))
     r = F.ema_residual(e, m, n_clean, eps=q.eps if q.eps is not None else 1e-5,
-                       smoothed=q.counts_smoothed, cosine=q.metric == "cosine")
+                       smoothed=q.counts_smoothed, cosine=q.metric == "cosine",
+                       rule=q.ema_rule or "laplace")
     # A non-finite element in e or m makes r non-finite, so this also drops those rows.
     ok = n_ok & torch.isfinite(r)
     out: dict[str, float] = {}
@@ -369,7 +364,10 @@ def _positive_extra(q: QuantizerState, keys: tuple[str, ...]) -> float | None:
 
 def _reset_value(q: QuantizerState) -> float | None:
     """The library's replacement reset count when the adapter or config says it (lucidrains:
-    `reset_cluster_size`, defaulting to `threshold_ema_dead_code`)."""
+    `reset_cluster_size`, defaulting to `threshold_ema_dead_code`). None under the eps-blend
+    rule: vector-quantize-pytorch >= 1.34 resets to a ratio of the mean count at that step."""
+    if q.ema_rule == "eps-blend":
+        return _positive_extra(q, ("reset_value",))
     return _positive_extra(q, ("reset_value", "reset_cluster_size", "threshold_ema_dead_code"))
 
 
@@ -417,8 +415,14 @@ def codebook_metrics(q: QuantizerState) -> dict[str, float]:
         out["nonfinite_cluster_size"] = float((~torch.isfinite(n)).sum())
         nonfinite += out["nonfinite_cluster_size"]
         scanned = True
-        out.update(count_metrics(n, _reset_value(q)))
+        out.update(count_metrics(n, _reset_value(q), ones_init=q.ema_rule != "eps-blend"))
         threshold = _positive_extra(q, ("threshold_ema_dead_code", "reset_value"))
+        if q.ema_rule == "eps-blend":  # a ratio of the mean count: threshold / (n/K) is the ratio
+            ratio = _positive_extra(q, ("dead_code_threshold_ratio",))
+            t = _positive_extra(q, ("threshold_ema_dead_code",))
+            if ratio is None and t is not None:  # the deprecated absolute form, converted as 1.34 does
+                ratio = t / q.codebook_size if t >= 1 else t
+            threshold = None if ratio is None else ratio * out.get("count_expected", 0.0)
         if threshold is not None and out.get("count_expected", 0.0) > 0:
             out["replace_threshold_to_expected"] = threshold / out["count_expected"]
     if q.codebook is not None and q.cluster_size is not None:
@@ -440,12 +444,8 @@ def codebook_metrics(q: QuantizerState) -> dict[str, float]:
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def usage_histogram(q: QuantizerState, bins: int = 16) -> list[float]:
-    """Share of the total count held by each 1/bins of the codes, most used first.
-
-    Codes are sorted by count (descending) and split into min(bins, K) near-equal groups; each
-    value is the group's share of the total count, averaged over heads. A collapsed codebook
-    reads [0.99, 0.01, 0, ...], a uniform one is flat at 1/bins.
+def usage_histogram(q: QuantizerState, bins: int = U.HIST_BUCKETS) -> list[float]:
+    """`metrics.usage.usage_histogram` of the stored EMA counts ([] when none are stored).
 
     Args:
         q: the quantizer in normal form.
@@ -456,16 +456,4 @@ def usage_histogram(q: QuantizerState, bins: int = 16) -> list[float]:
     """
     if q.cluster_size is None or bins < 1:
         return []
-    c = F.as_hk(q.cluster_size.detach()).to(torch.float64)
-    c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
-    groups = min(bins, int(c.shape[-1]))
-    hists = []
-    for row in c:
-        total = row.sum()
-        if not bool(total > 0):
-            continue
-        ordered = row.sort(descending=True).values
-        hists.append(torch.stack([g.sum() for g in torch.tensor_split(ordered, groups)]) / total)
-    if not hists:
-        return []
-    return [float(x) for x in torch.stack(hists).mean(0)]
+    return U.usage_histogram(F.as_hk(q.cluster_size.detach()).to(torch.float64).numpy(), bins)

@@ -240,8 +240,17 @@ def laplace_smooth(counts: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 COSINE_NORM_EPS = (1e-6, 1e-12)
 
 
+# How an EMA codebook is computed from its statistics (`QuantizerState.ema_rule`):
+# "laplace": embed = embed_avg / laplace_smooth(cluster_size) (Sonnet, encodec, taming,
+#   vector-quantize-pytorch <= 1.32, ...; zalando stores the smoothed counts themselves);
+# "eps-blend": embed = (embed_avg + eps * embed) / (cluster_size + eps) (vector-quantize-pytorch
+#   >= 1.34: zero-initialised statistics, no smoothing across codes; an unused code keeps its row).
+EMA_RULES = ("laplace", "eps-blend")
+
+
 def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Tensor,
-                 eps: float = 1e-5, smoothed: bool = False, cosine: bool = False) -> torch.Tensor:
+                 eps: float = 1e-5, smoothed: bool = False, cosine: bool = False,
+                 rule: str = "laplace") -> torch.Tensor:
     """Per-row violation of the EMA invariant embed = embed_avg / smoothed(cluster_size).
 
     r_i = |e_i - t_i| / |e_i| with t_i = m_i / Ñ_i (Ñ = laplace_smooth(N, ε), or N itself when
@@ -258,10 +267,17 @@ def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Ten
         eps: Laplace ε.
         smoothed: counts already hold Ñ.
         cosine: the codebook is stored l2-normalised.
+        rule: "laplace" (above) or "eps-blend": e_new = (m + ε e_old) / (N + ε). The old row is
+            not stored; with e_old = e_new the residual |e N - m| / ((N + ε) |e|) is exactly
+            ε / (N + ε) times the row's relative move in its last update, so it is ~0 wherever the
+            statistics and the row agree (also 0 for never-hit rows, N = m = 0); cosine:
+            |l2norm(m + ε e) - e|.
 
     Returns:
         float64 `[..., K]` relative residuals.
     """
+    if rule == "eps-blend":
+        return _eps_blend_residual(embed, embed_avg, counts, eps, cosine)
     nt = counts.detach().to(torch.float64) if smoothed else laplace_smooth(counts, eps)
     k, d = embed.shape[-2], embed.shape[-1]
     out = torch.empty(nt.shape, dtype=torch.float64)
@@ -283,6 +299,30 @@ def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Ten
         else:
             num = torch.linalg.vector_norm(torch.addcdiv(e, m, n, value=-1.0), dim=-1)  # e - m / n
         out[..., s:s + step] = (num / torch.linalg.vector_norm(e, dim=-1)).masked_fill_(num == 0, 0.0)
+    return out
+
+
+def _eps_blend_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Tensor,
+                        eps: float, cosine: bool) -> torch.Tensor:
+    """`ema_residual` for rule "eps-blend", in row blocks like the Laplace branch."""
+    nt = counts.detach().to(torch.float64)
+    k, d = embed.shape[-2], embed.shape[-1]
+    out = torch.empty(nt.shape, dtype=torch.float64)
+    step = max(1, STREAM_ELEMENTS // max(d * int(nt[..., :1].numel()), 1))
+    for s in range(0, k, step):
+        e = embed[..., s:s + step, :].detach().to(torch.float64)
+        m = embed_avg[..., s:s + step, :].detach().to(torch.float64)
+        n = nt[..., s:s + step].unsqueeze(-1)
+        if cosine:
+            x = m + eps * e
+            xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            num = torch.minimum(*(torch.linalg.vector_norm(x / xn.clamp_min(c) - e, dim=-1)
+                                  for c in COSINE_NORM_EPS))
+            den = torch.linalg.vector_norm(e, dim=-1)
+        else:
+            num = torch.linalg.vector_norm(e * n - m, dim=-1)
+            den = torch.linalg.vector_norm(e, dim=-1) * (n.squeeze(-1) + eps)
+        out[..., s:s + step] = (num / den).masked_fill_(num == 0, 0.0)
     return out
 
 

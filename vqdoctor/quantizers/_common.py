@@ -18,8 +18,9 @@ from vqdoctor.checkpoint.base import TensorSource
 from vqdoctor.quantizers.base import QuantizerState
 
 # Hyper-parameters copied from the checkpoint config into `QuantizerState.extra` when present.
-CONFIG_EXTRAS = ("threshold_ema_dead_code", "reset_cluster_size", "commitment_weight", "kmeans_init",
-                 "kmeans_iters", "codebook_size")
+CONFIG_EXTRAS = ("threshold_ema_dead_code", "reset_cluster_size", "dead_code_threshold_ratio",
+                 "reset_cluster_size_ratio", "commitment_weight", "kmeans_init", "kmeans_iters",
+                 "codebook_size")
 
 
 # `TensorSource.meta` key of quantizers whose stored tensors contradict each other:

@@ -43,6 +43,11 @@ class QuantizerState:
         cluster_size: EMA counts [H, K] as stored (None when not an EMA quantizer).
         embed_avg: EMA sums [H, K, D] as stored (None when absent).
         counts_smoothed: True when the stored counts already include Laplace smoothing (zalando).
+        ema_rule: how the codebook follows its EMA statistics (`metrics.functional.EMA_RULES`):
+            "laplace" (embed_avg / smoothed counts) or "eps-blend" (vector-quantize-pytorch >= 1.34:
+            (embed_avg + eps * embed) / (counts + eps), zero-initialised statistics). None: the
+            library's only rule, Laplace; set when a library has changed its arithmetic, and then
+            reported (`describe`), with where it was read from in `notes`.
         metric: "euclidean" or "cosine" (the lookup compares l2-normalised vectors).
         initted: value of an `initted`/`inited`/`initialized` flag when stored.
         eps: Laplace-smoothing epsilon when known (library default otherwise).
@@ -71,6 +76,7 @@ class QuantizerState:
     cluster_size: torch.Tensor | None = None
     embed_avg: torch.Tensor | None = None
     counts_smoothed: bool = False
+    ema_rule: str | None = None
     metric: str = "euclidean"
     initted: bool | None = None
     eps: float | None = None
@@ -115,6 +121,8 @@ class QuantizerState:
             out["dtypes"] = dict(self.dtypes)
         if self.initted is not None:
             out["initted"] = self.initted
+        if self.ema_rule is not None:
+            out["ema_rule"] = self.ema_rule
         return out
 
 

@@ -13,9 +13,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from vqdoctor.checkpoint.base import TensorSource
+from vqdoctor.metrics import functional as MF
 from vqdoctor.quantizers._common import (
     Roles,
     apply_config,
@@ -58,22 +58,54 @@ def _project(r: Roles, name: str, group: str | None, st: QuantizerState) -> None
 _COSINE_NORM_EPS = (1e-6, 1e-12)
 
 
-def _ema_consistent(embed: torch.Tensor, avg: torch.Tensor, n: torch.Tensor, cosine: bool) -> bool:
-    """lucidrains invariant (§2.4): embed == embed_avg / laplace-smoothed(cluster_size)."""
-    total = n.sum(-1, keepdim=True)
-    pred = avg / ((n + EPS) / (total + n.shape[-1] * EPS) * total).unsqueeze(-1)
-    if cosine:  # lucidrains l2norm: F.normalize(eps=1e-6) (1e-12 before): dead rows are not unit
-        errs = [(embed - F.normalize(pred, dim=-1, eps=c)).norm(dim=-1) for c in _COSINE_NORM_EPS]
-        err = torch.minimum(*errs) / embed.norm(dim=-1).clamp_min(1e-12)
-    else:
-        err = (embed - pred).norm(dim=-1) / embed.norm(dim=-1).clamp_min(1e-12)
-    return bool(err.max() < 1e-3)
+def _ema_consistent(embed: torch.Tensor, avg: torch.Tensor, n: torch.Tensor, cosine: bool,
+                    rule: str = "laplace") -> bool:
+    """lucidrains invariant (§2.4) under `rule` (`metrics.functional.EMA_RULES`) on every row."""
+    r = MF.ema_residual(embed, avg, torch.nan_to_num(n), eps=EPS, cosine=cosine, rule=rule)
+    return bool((r < 1e-3).all())
+
+
+def _ema_rule(embed: torch.Tensor, avg: torch.Tensor, n: torch.Tensor, cosine: bool) -> tuple[str, str | None]:
+    """Which EMA arithmetic the stored buffers satisfy, and a note when that had to be guessed.
+
+    vector-quantize-pytorch <= 1.32 starts the counts at ones and divides by Laplace-smoothed
+    counts; 1.34 starts both statistics at zero and computes (embed_avg + eps embed) /
+    (cluster_size + eps). Rows with a small count tell them apart: the invariant of the wrong
+    rule is off by ~1 there, the right one holds to ~eps / count. All-zero statistics exist only
+    in the zero-initialising releases. The rule is reported with the quantizer (`ema_rule`).
+    """
+    fin = torch.isfinite(n)
+    if bool((n[fin] == 0).all()) and bool((avg == 0).all()):
+        return "eps-blend", None
+    n0 = torch.where(fin, n, torch.zeros_like(n))
+
+    def worst(rule: str) -> float:
+        r = MF.ema_residual(embed, avg, n0, eps=EPS, cosine=cosine, rule=rule)
+        r = r[torch.isfinite(r) & fin]
+        return float(r.max()) if r.numel() else math.inf
+
+    lap, blend = worst("laplace"), worst("eps-blend")
+    if min(lap, blend) < 1e-3:
+        return ("laplace" if lap <= blend else "eps-blend"), None
+    # the invariant is broken either way: exact zero counts exist only with zero-initialised statistics
+    zero = bool((n0 == 0).any())
+    return ("eps-blend" if zero else "laplace"), (
+        "EMA arithmetic: the buffers satisfy neither vector-quantize-pytorch rule; assumed "
+        + ("(embed_avg + eps*embed)/(cluster_size + eps) (>= 1.34), as some counts are exactly 0."
+           if zero else "embed_avg / Laplace-smoothed counts (<= 1.32), as no count is exactly 0."))
 
 
 def _short_or_unit_rows(embed: torch.Tensor, tol: float) -> bool:
     """No row longer than 1 and some row of unit norm: what a cosine codebook with dead codes holds."""
     norms = embed.norm(dim=-1)
     return bool((norms <= 1 + tol).all() and ((norms - 1).abs() < tol).any())
+
+
+def _never_updated(st: QuantizerState) -> bool:
+    """Zero-initialised EMA statistics still all zero: no EMA update ever ran (1.34 arithmetic)."""
+    n, avg = st.cluster_size, st.embed_avg
+    return (st.ema_rule == "eps-blend" and n is not None and avg is not None
+            and bool((n == 0).all()) and bool((avg == 0).all()))
 
 
 def _kind(src: TensorSource, cb: str, st: QuantizerState) -> str:
@@ -89,9 +121,21 @@ def _kind(src: TensorSource, cb: str, st: QuantizerState) -> str:
                         "codebook (learnable_codebook / ema_update=False).")
         return "vq"
     order = list(src.infos)
-    if order.index(cb + "embed") < order.index(cb + "cluster_size"):  # Parameters precede buffers
+    # torch files keep registration order (Parameters before buffers); safetensors sort keys
+    ordered = src.format in ("torch-zip", "torch-legacy")
+    is_param = ordered and order.index(cb + "embed") < order.index(cb + "cluster_size")
+    if _never_updated(st):
+        if is_param or not ordered:
+            st.notes.append("EMA statistics are all zero (never updated): read as a gradient-trained "
+                            "codebook (learnable_codebook / ema_update=False).")
+            return "vq"
+        st.notes.append("EMA statistics are all zero: no EMA update has run (decay 1.0, ema_update "
+                        "disabled, or the model never trained); usage cannot be read from the counts.")
+        return "vq-ema"
+    if is_param:  # Parameters precede buffers
         st.extra["is_parameter"] = True
-        ok = _ema_consistent(embed, avg, n, st.metric == "cosine") and not bool((n == 1).all())
+        ok = (_ema_consistent(embed, avg, n, st.metric == "cosine", st.ema_rule or "laplace")
+              and not bool((n == 1).all()))
         st.notes.append("codebook stored as a Parameter (learnable_codebook or orthogonal_reg_weight) and "
                         "no config says how it is updated: the EMA invariant "
                         + ("holds, EMA updates assumed." if ok else "is broken, gradient updates assumed."))
@@ -125,14 +169,21 @@ def _vq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
             cosine = True
             st.notes.append("cosine metric inferred from unit-norm codes (use_cosine_sim).")
         elif (cosine is None and st.initted and n is not None and avg is not None
-              and _short_or_unit_rows(embed, tol) and _ema_consistent(embed, as_hkd(avg), as_hk(n), True)):
+              and _short_or_unit_rows(embed, tol)
+              and any(_ema_consistent(embed, as_hkd(avg), as_hk(n), True, rule) for rule in MF.EMA_RULES)):
             # Long-dead codes of a cosine codebook are stored shorter than 1 (l2norm's norm floor).
             cosine = True
             st.notes.append("cosine metric inferred from codes = l2norm(embed_avg / counts) (use_cosine_sim).")
         st.metric = "cosine" if cosine else "euclidean"
+        rule_note = None
+        if st.cluster_size is not None and st.embed_avg is not None:
+            raw = st.codebook  # before any affine transform: the statistics track the raw table
+            st.ema_rule, rule_note = _ema_rule(raw, st.embed_avg, st.cluster_size, st.metric == "cosine")
         if cb + "codebook_mean" in src.infos:
             _affine(src, r, cb, st)
         st.kind = _kind(src, cb, st)
+        if rule_note and st.kind == "vq-ema":  # a gradient-trained table has no EMA rule to satisfy
+            st.notes.append(rule_note)
         _finish(src, r, st, group)
         st.input_heads = st.heads if st.heads > 1 else st.input_heads
         out.append(st)

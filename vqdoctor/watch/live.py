@@ -355,12 +355,55 @@ def _projection(module: nn.Module) -> nn.Module | None:
 
 
 def _replaces(module: nn.Module) -> bool:
-    """True when the quantizer has a dead-code replacement mechanism switched on."""
+    """True when the quantizer has a dead-code replacement mechanism switched on
+    (vector-quantize-pytorch <= 1.32 `threshold_ema_dead_code`, >= 1.34 `dead_code_threshold_ratio`)."""
     for m in module.modules():
-        t = getattr(m, "threshold_ema_dead_code", None)
-        if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
-            return True
+        for attr in ("threshold_ema_dead_code", "dead_code_threshold_ratio"):
+            t = getattr(m, attr, None)
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
+                return True
     return False
+
+
+def lucidrains_version() -> tuple[int, ...] | None:
+    """The installed vector-quantize-pytorch release, or None when it cannot be read."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(p) for p in version("vector-quantize-pytorch").split(".")[:3] if p.isdigit())
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+# The facts of a live vector-quantize-pytorch codebook that a state dict cannot show.
+_LUCIDRAINS_ATTRS = ("threshold_ema_dead_code", "reset_cluster_size", "dead_code_threshold_ratio",
+                     "reset_cluster_size_ratio")
+
+
+def _lucidrains_live(state: QuantizerState, inner: nn.Module | None) -> None:
+    """Kind, EMA arithmetic and replacement settings from the live module and the installed release.
+
+    A state dict read at the start of a run cannot tell an EMA codebook from a gradient-trained
+    one (vector-quantize-pytorch >= 1.34 starts both statistics at zero either way), nor which
+    arithmetic the release uses; the module and the installed version can.
+    """
+    cb = getattr(inner, "_codebook", None)
+    if not isinstance(cb, nn.Module) or state.kind not in ("vq", "vq-ema"):
+        return
+    learnable, ema = getattr(cb, "learnable_codebook", None), getattr(cb, "ema_update", None)
+    if isinstance(learnable, bool) and isinstance(ema, bool):
+        state.kind = "vq" if learnable or not ema else "vq-ema"
+        state.notes = [n for n in state.notes if "EMA statistics" not in n]  # the module says it
+    for attr in _LUCIDRAINS_ATTRS:
+        v = getattr(cb, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            state.extra[attr] = float(v)
+    if isinstance(getattr(cb, "decay", None), (int, float)):
+        state.decay = float(cb.decay)
+    if state.cluster_size is not None:
+        ver = lucidrains_version()
+        if ver is not None:
+            state.ema_rule = "eps-blend" if ver >= (1, 33) else "laplace"
 
 
 def _from_state(index: ModuleIndex, state: QuantizerState, raw_of: dict[str, str]) -> LiveQuantizer | None:
@@ -392,6 +435,8 @@ def _from_state(index: ModuleIndex, state: QuantizerState, raw_of: dict[str, str
             counts = _as_hk_reader(_attr_reader(*oa), H, K) or _none
     library = state.library
     inner = index.innermost(name)
+    if library == "vector-quantize-pytorch":
+        _lucidrains_live(state, inner)
     if state.metric != "cosine" and inner is not None and any(
             getattr(m, "use_cosine_sim", None) is True for m in (inner, getattr(inner, "_codebook", None))):
         # A state dict does not say it (before k-means init the codes are not yet unit-norm);
