@@ -54,7 +54,7 @@ def register_adapter(cls_or_predicate: Any, fn: Any):
 
 
 def _report(run_dir: Any, thresholds: Any = None):
-    """Ranked diagnosis of a recorded run directory (`vqdoctor.watch.report.report_run`).
+    """Ranked diagnosis of a recorded run directory (`vqdoctor.diagnosis.report_run`).
 
     Args:
         run_dir: the run directory written by `vqdoctor.watch`.
@@ -63,7 +63,7 @@ def _report(run_dir: Any, thresholds: Any = None):
     Returns:
         vqdoctor.report.Report
     """
-    from vqdoctor.watch.report import report_run
+    from vqdoctor.diagnosis import report_run
 
     return report_run(run_dir, thresholds)
 

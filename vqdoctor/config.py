@@ -24,8 +24,10 @@ an fnmatch pattern of the quantizer's name (values are checked by `vqdoctor.gate
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,3 +210,195 @@ def resolve_thresholds(layers: Sequence[Mapping[str, Mapping[str, Any]]],
 
 __all__ = ["PYPROJECT", "Config", "Thresholds", "load_config", "parse_threshold_options",
            "resolve_thresholds", "rule_id"]
+
+
+# --- thresholds --------------------------------------------------------------------------------
+
+THRESHOLD_CHECKS = ("min_perplexity", "min_usage", "max_dead_fraction")
+"""The threshold checks, in the order they are reported (each is named after its key)."""
+GATE_KEYS = (*THRESHOLD_CHECKS, "window", "fail_on")
+"""Keys of `[tool.vqdoctor.gate]` (per-quantizer tables take the threshold checks only)."""
+FAIL_ON = ("error", "warning", "never")
+OFF = ("off", "none", "false", "disabled")
+
+
+@dataclass(frozen=True)
+class PerplexityFloor:
+    """A perplexity floor: absolute (`20`) or relative to the reachable codes (`"5%"`).
+
+    Attributes:
+        value: the floor (absolute), or the share of reachable codes in (0, 1] (relative).
+        relative: True for a share of the reachable codes.
+    """
+
+    value: float
+    relative: bool = False
+
+    def floor(self, reachable: float) -> float:
+        """The absolute floor for a measurement that can reach `reachable` codes."""
+        return self.value * reachable if self.relative else self.value
+
+    def __str__(self) -> str:
+        if self.relative:
+            return f"{self.value * 100:g}%"
+        return f"{self.value:g}"
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """What the gate requires of each quantizer. `None` turns a check off.
+
+    The defaults are scale-free and sit where the diagnosis rules draw their lines, so the gate and
+    the report tell one story:
+
+    - `min_perplexity` "5%": perplexity (the effective number of codes in use) at least 5% of the
+      codes the measurement can reach. Trained healthy codebooks sit at 20-90% of K; a collapse
+      is "a handful of codes" (the user story: perplexity 1-2), under 1%. 5% is also where
+      index-collapse (VQ006) starts to warn, so a pass never hides a collapse the report names.
+    - `min_usage` 0.25: at least a quarter of the reachable codes used at all over the window
+      (EMA counts: not dead). Below that most of the codebook is wasted capacity; healthy
+      k-means-initialised codebooks use well over half.
+    - `max_dead_fraction` 0.5: at most half of the codes dead (count below 1% of the uniform share
+      n/K) -- the level at which dead-codes (VQ005) becomes an error.
+    - `window` None: a run's usage over the recorder's own window (long enough for ~4 expected
+      hits per code); a number gates the last N steps instead. Ignored for checkpoints.
+    - `fail_on` "error": findings of severity error fail the gate, as in `vqdoctor inspect`.
+
+    Attributes:
+        min_perplexity: perplexity floor, or None.
+        min_usage: floor of the share of K used, in [0, 1], or None.
+        max_dead_fraction: ceiling of the share of K dead, in [0, 1], or None.
+        window: run directories: gate the last `window` steps (None: the recorded window).
+        fail_on: "error", "warning" or "never": findings at or above it fail the gate.
+        overrides: (fnmatch pattern, {check: value}) pairs for quantizers whose name matches;
+            applied in order, later ones win (see `for_quantizer`).
+    """
+
+    min_perplexity: PerplexityFloor | None = PerplexityFloor(0.05, relative=True)
+    min_usage: float | None = 0.25
+    max_dead_fraction: float | None = 0.5
+    window: int | None = None
+    fail_on: str = "error"
+    overrides: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    def for_quantizer(self, name: str) -> GateThresholds:
+        """The thresholds of quantizer `name`: every override whose pattern matches, in order."""
+        values: dict[str, Any] = {}
+        for pattern, changes in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                values.update(changes)
+        return dataclasses.replace(self, overrides=(), **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native: thresholds as written (`"5%"`), overrides by pattern."""
+        out: dict[str, Any] = {k: _show(getattr(self, k)) for k in GATE_KEYS}
+        if self.overrides:
+            out["quantizers"] = {p: {k: _show(v) for k, v in ch.items()} for p, ch in self.overrides}
+        return out
+
+
+def _show(v: Any) -> Any:
+    return str(v) if isinstance(v, PerplexityFloor) else v
+
+
+def parse_threshold(key: str, value: Any, where: str = "") -> Any:
+    """Check and convert one gate setting (a TOML value or an option string).
+
+    `min_perplexity` takes "5%" (relative) or a number >= 1 (absolute); `min_usage` and
+    `max_dead_fraction` a fraction in [0, 1] or a percentage; `window` a positive integer;
+    `fail_on` error|warning|never. "off" (or `false`) turns a threshold check off.
+
+    Args:
+        key: a name from `GATE_KEYS`.
+        value: the value as written.
+        where: where it was written, for the error message (e.g. "--min-usage").
+
+    Raises:
+        ConfigError: unknown key or a bad value.
+    """
+    label = where or key
+    if key not in GATE_KEYS:
+        raise ConfigError(f"unknown gate setting {key!r}{' in ' + where if where else ''}; "
+                          f"known: {', '.join(GATE_KEYS)}")
+    text = value.strip() if isinstance(value, str) else value
+    if key in THRESHOLD_CHECKS and (text is False or (isinstance(text, str) and text.lower() in OFF)):
+        return None
+    if key == "fail_on":
+        if not isinstance(text, str) or text.lower() not in FAIL_ON:
+            raise ConfigError(f"{label}: expected one of {', '.join(FAIL_ON)}, got {value!r}")
+        return text.lower()
+    if key == "window":
+        if isinstance(text, str) and text.lower() in OFF + ("auto",):
+            return None
+        try:
+            if isinstance(text, bool) or isinstance(text, float):
+                raise ValueError
+            n = int(text)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1:
+            raise ConfigError(f"{label}: expected a number of steps >= 1, got {value!r}")
+        return n
+    pct = isinstance(text, str) and text.endswith("%")
+    try:
+        if isinstance(text, bool):
+            raise ValueError
+        x = float(text[:-1] if pct else text)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        hint = '"5%" of the reachable codes or an absolute number >= 1' \
+            if key == "min_perplexity" else 'a fraction in [0, 1], e.g. 0.25, or "25%"'
+        raise ConfigError(f"{label}: expected {hint}, got {value!r}")
+    if key == "min_perplexity":
+        if pct:
+            if not 0 < x <= 100:
+                raise ConfigError(f"{label}: a relative perplexity floor must be in (0%, 100%], "
+                                  f"got {value!r}")
+            return PerplexityFloor(x / 100, relative=True)
+        if x < 1:
+            raise ConfigError(f"{label}: a perplexity is never below 1, so {value!r} never fails; "
+                              f"for a share of the codes write a percentage, e.g. \"{x * 100:g}%\"")
+        return PerplexityFloor(x)
+    frac = x / 100 if pct else x
+    if not 0 <= frac <= 1:
+        raise ConfigError(f"{label}: expected a fraction in [0, 1] (or 0%..100%), got {value!r}")
+    return frac
+
+
+def resolve_gate_thresholds(cli: Mapping[str, Any] | None = None,
+                            config: Mapping[str, Any] | None = None) -> GateThresholds:
+    """Gate thresholds from the command line and `[tool.vqdoctor.gate]`: CLI > file > defaults.
+
+    Per-quantizer tables (`[tool.vqdoctor.gate.quantizers."pattern"]`) refine the file's values
+    for matching quantizers; a value given on the command line wins over them too.
+
+    Args:
+        cli: settings given on the command line (None values are "not given").
+        config: the `[tool.vqdoctor.gate]` table (e.g. `load_config().gate`).
+
+    Raises:
+        ConfigError: unknown keys or bad values, naming where they were written.
+    """
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    config = dict(config or {})
+    values: dict[str, Any] = {}
+    tables = config.pop("quantizers", {}) or {}
+    for key, value in config.items():
+        values[key] = parse_threshold(key, value, f"[tool.vqdoctor.gate] {key}")
+    overrides = []
+    for pattern, table in tables.items():
+        where = f'[tool.vqdoctor.gate.quantizers."{pattern}"]'
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table of thresholds")
+        changes = {}
+        for key, value in table.items():
+            if key not in THRESHOLD_CHECKS:
+                raise ConfigError(f"unknown setting {key!r} in {where}; known: "
+                                  f"{', '.join(THRESHOLD_CHECKS)}")
+            if key not in cli:  # the command line wins over the file, per-quantizer tables too
+                changes[key] = parse_threshold(key, value, f"{where} {key}")
+        overrides.append((str(pattern), changes))
+    for key, value in cli.items():
+        values[key] = parse_threshold(key, value, "--" + key.replace("_", "-"))
+    return GateThresholds(**values, overrides=tuple(overrides))

@@ -436,7 +436,7 @@ def run_demo(workdir: Path, *, seed: int = 0, progress: Callable[[str], None] | 
                                      replace_below=cfg.replace_below)
         collapsed_run = healthy_run = None
         if watch:
-            from vqdoctor.watch.report import report_run
+            from vqdoctor.diagnosis import report_run
 
             say("diagnosing the recorded runs...")
             collapsed_run = report_run(run_dirs["collapsed"])

@@ -1,35 +1,40 @@
-"""Checkpoint diagnosis pipeline: read -> discover -> measure -> judge -> report.
+"""The one diagnosis pipeline: a source's observation -> rules -> the ranked `Report`.
 
-Data flows one way. This module glues the stages; each stage lives in its own package.
+    sources.checkpoint.observe_checkpoints(paths)  --\\
+                                                      >-- diagnose(observation) -> Report
+    sources.run.observe_run(meta, streams)         --/
+
+`inspect_checkpoints`, `report_run` and `report_target` are the entry points the API, the CLI,
+the watch and the gate call; they read their input through a source and end in `diagnose`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vqdoctor import __version__
-from vqdoctor.checkpoint import open_checkpoint
-from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
-from vqdoctor.metrics.drift import drift_metrics
-from vqdoctor.metrics.params import param_drift
-from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
-from vqdoctor.quantizers import discover
-from vqdoctor.quantizers.base import QuantizerState
-from vqdoctor.report.model import QuantizerReport, Report
-from vqdoctor.rules import Evidence, QuantizerEvidence, diagnose
+from vqdoctor.report.model import Report
+from vqdoctor.rules import run_rules
+from vqdoctor.sources import Observation
 
 
-def evidence_from_states(states: list[QuantizerState], metrics: dict[str, dict[str, float]]) -> Evidence:
-    """Evidence for the rules from discovered quantizers and their measured metrics."""
-    qs = [QuantizerEvidence(name=s.name, kind=s.kind, library=s.library,
-                            codebook_size=s.codebook_size, dim=s.dim, heads=s.heads,
-                            group=s.group, stage=s.stage, metric=s.metric,
-                            metrics=metrics[s.name], notes=list(s.notes)) for s in states]
-    return Evidence(source_kind="checkpoint", quantizers=qs)
+def diagnose(observation: Observation, thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
+    """The ranked report of what a source observed.
+
+    Args:
+        observation: a checkpoint's or a run's observation (`vqdoctor.sources`).
+        thresholds: per-rule threshold overrides, e.g. {"dead-codes": {"warn_fraction": 0.3}}.
+
+    Returns:
+        The report: ranked findings (root cause first), the quantizers with their metrics, and
+        the checks that could not run (`errors`).
+    """
+    findings, errors = run_rules(observation.evidence, thresholds)
+    return Report(source=observation.source, quantizers=observation.quantizers, findings=findings,
+                  errors=[*observation.errors, *errors], tool_version=__version__)
 
 
 def inspect_checkpoints(
@@ -55,46 +60,73 @@ def inspect_checkpoints(
     Returns:
         The ranked report.
     """
-    paths = [str(p) for p in paths]
-    history: list[list[QuantizerState]] = []
-    sources = []
-    for p in paths:
-        src = open_checkpoint(p, trust=trust_checkpoint)
-        sources.append(src)
-        history.append(discover(src, only=quantizers, levels=levels))
-    states = history[-1]
+    from vqdoctor.sources.checkpoint import observe_checkpoints
 
-    z_by_name: dict[str, torch.Tensor] = {}
-    if probe is not None:
-        # Raises ProbeError (naming the probe's shape and each quantizer's dim) when nothing fits.
-        z_by_name = probe_inputs(load_probe(str(probe)), states, path=str(probe))
+    obs = observe_checkpoints(paths, probe=probe, quantizers=quantizers, levels=levels,
+                              trust_checkpoint=trust_checkpoint)
+    return diagnose(obs, thresholds)
 
-    metrics: dict[str, dict[str, float]] = {}
-    for s in states:
-        m = codebook_metrics(s)
-        if s.name in z_by_name:
-            m.update(probe_metrics(s, z_by_name[s.name], projected=True,
-                                   code_norm_ref=m.get("code_norm_median")))
-        if len(history) > 1:
-            series = [next((x for x in h if x.name == s.name), None) for h in history]
-            m.update(drift_metrics([x for x in series if x is not None]))
-        metrics[s.name] = m
 
-    ev = evidence_from_states(states, metrics)
-    if len(sources) > 1:  # did the encoder and decoder move between the checkpoints?
-        prefixes = {s.name for s in states} | {s.group for s in states if s.group}
-        ev.run.update(param_drift(sources[0], sources[-1], prefixes))
-    quantizer_reports = [QuantizerReport(info=s.describe(), metrics=metrics[s.name],
-                                         histogram=usage_histogram(s), notes=list(s.notes))
-                         for s in states]
-    last = sources[-1]
-    source = {"kind": "checkpoint", "paths": paths, "torch": torch.__version__,
-              "safe_load": all(x.safe_load for x in sources), "format": last.format,
-              "container": last.container}
-    # The rules see numbers only: let the codebook tensors (and their mapped pages) go first.
-    del states, history, sources, z_by_name, last
-    findings, errors = diagnose(ev, thresholds)
-    if probe is not None:
-        source["probe"] = str(probe)
-    return Report(source=source, quantizers=quantizer_reports, findings=findings, errors=errors,
-                  tool_version=__version__)
+def report_run(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None,
+               *, window: int | None = None) -> Report:
+    """Ranked diagnosis of a recorded run, from its run directory alone.
+
+    Works on a run that is still being written and on one whose process was killed.
+
+    Args:
+        run_dir: the run directory.
+        thresholds: per-rule threshold overrides, e.g. {"dead-codes": {"warn_fraction": 0.3}}.
+        window: report the windowed usage over the last `window` steps (the gate's `--window`).
+
+    Raises:
+        RunStoreError: the directory is missing, unreadable or holds no run.
+    """
+    from vqdoctor.sources.run import observe_run
+    from vqdoctor.watch.store import load_records
+
+    meta, streams = load_records(run_dir)
+    return diagnose(observe_run(meta, streams, [str(run_dir)], window=window), thresholds)
+
+
+def report_records(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], paths: Sequence[str],
+                   thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
+    """The ranked report of a run's records already read (a `watch.store.StoreTail`, the Doctor)."""
+    from vqdoctor.sources.run import observe_run
+
+    return diagnose(observe_run(meta, streams, list(paths)), thresholds)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a directory recorded by `vqdoctor.watch` (it holds meta.json or rank*.jsonl)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "meta.json").is_file() or any(p.glob("rank*.jsonl")))
+
+
+def report_target(
+    paths: Sequence[str | Path],
+    *,
+    probe: str | Path | None = None,
+    trust_checkpoint: bool = False,
+    thresholds: dict[str, dict[str, Any]] | None = None,
+    window: int | None = None,
+) -> Report:
+    """The report of a run directory, or of checkpoint(s) (several: one run, oldest first).
+
+    Raises:
+        InputError: several targets that include a run directory, or a probe given for a run.
+        VQDoctorError: the target cannot be analysed.
+    """
+    from vqdoctor.errors import InputError
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("nothing to analyse: give a run directory or checkpoint file(s)")
+    if any(is_run_dir(p) for p in paths):
+        if len(paths) > 1:
+            raise InputError("one run directory at a time (or checkpoint files, oldest first)",
+                             path=str(paths[0]))
+        if probe is not None:
+            raise InputError("--probe applies to checkpoints; a run directory records usage itself",
+                             path=str(paths[0]))
+        return report_run(paths[0], thresholds, window=window)
+    return inspect_checkpoints(paths, probe=probe, trust_checkpoint=trust_checkpoint, thresholds=thresholds)

@@ -31,7 +31,6 @@ the failing one (the probe first: it measures the current codebook on real input
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
@@ -40,202 +39,26 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from vqdoctor.errors import ConfigError, InputError
+from vqdoctor.config import (
+    FAIL_ON,
+    GATE_KEYS,
+    THRESHOLD_CHECKS,
+    GateThresholds,
+    PerplexityFloor,
+    parse_threshold,
+    resolve_gate_thresholds,
+)
+from vqdoctor.errors import InputError
+from vqdoctor.metrics.usage import reachable_codes
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding, Severity, json_value
 
 SCHEMA_VERSION = 1
 
-# --- thresholds --------------------------------------------------------------------------------
+# --- thresholds: parsed where all configuration is (`vqdoctor.config`) ---------------------------
 
-THRESHOLD_CHECKS = ("min_perplexity", "min_usage", "max_dead_fraction")
-"""The threshold checks, in the order they are reported (each is named after its key)."""
-GATE_KEYS = (*THRESHOLD_CHECKS, "window", "fail_on")
-"""Keys of `[tool.vqdoctor.gate]` (per-quantizer tables take the threshold checks only)."""
-FAIL_ON = ("error", "warning", "never")
-OFF = ("off", "none", "false", "disabled")
-
-
-@dataclass(frozen=True)
-class PerplexityFloor:
-    """A perplexity floor: absolute (`20`) or relative to the reachable codes (`"5%"`).
-
-    Attributes:
-        value: the floor (absolute), or the share of reachable codes in (0, 1] (relative).
-        relative: True for a share of the reachable codes.
-    """
-
-    value: float
-    relative: bool = False
-
-    def floor(self, reachable: float) -> float:
-        """The absolute floor for a measurement that can reach `reachable` codes."""
-        return self.value * reachable if self.relative else self.value
-
-    def __str__(self) -> str:
-        if self.relative:
-            return f"{self.value * 100:g}%"
-        return f"{self.value:g}"
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    """What the gate requires of each quantizer. `None` turns a check off.
-
-    The defaults are scale-free and sit where the diagnosis rules draw their lines, so the gate and
-    the report tell one story:
-
-    - `min_perplexity` "5%": perplexity (the effective number of codes in use) at least 5% of the
-      codes the measurement can reach. Trained healthy codebooks sit at 20-90% of K; a collapse
-      is "a handful of codes" (the user story: perplexity 1-2), under 1%. 5% is also where
-      index-collapse (VQ006) starts to warn, so a pass never hides a collapse the report names.
-    - `min_usage` 0.25: at least a quarter of the reachable codes used at all over the window
-      (EMA counts: not dead). Below that most of the codebook is wasted capacity; healthy
-      k-means-initialised codebooks use well over half.
-    - `max_dead_fraction` 0.5: at most half of the codes dead (count below 1% of the uniform share
-      n/K) -- the level at which dead-codes (VQ005) becomes an error.
-    - `window` None: a run's usage over the recorder's own window (long enough for ~4 expected
-      hits per code); a number gates the last N steps instead. Ignored for checkpoints.
-    - `fail_on` "error": findings of severity error fail the gate, as in `vqdoctor inspect`.
-
-    Attributes:
-        min_perplexity: perplexity floor, or None.
-        min_usage: floor of the share of K used, in [0, 1], or None.
-        max_dead_fraction: ceiling of the share of K dead, in [0, 1], or None.
-        window: run directories: gate the last `window` steps (None: the recorded window).
-        fail_on: "error", "warning" or "never": findings at or above it fail the gate.
-        overrides: (fnmatch pattern, {check: value}) pairs for quantizers whose name matches;
-            applied in order, later ones win (see `for_quantizer`).
-    """
-
-    min_perplexity: PerplexityFloor | None = PerplexityFloor(0.05, relative=True)
-    min_usage: float | None = 0.25
-    max_dead_fraction: float | None = 0.5
-    window: int | None = None
-    fail_on: str = "error"
-    overrides: tuple[tuple[str, Mapping[str, Any]], ...] = ()
-
-    def for_quantizer(self, name: str) -> GateThresholds:
-        """The thresholds of quantizer `name`: every override whose pattern matches, in order."""
-        values: dict[str, Any] = {}
-        for pattern, changes in self.overrides:
-            if fnmatch.fnmatchcase(name, pattern):
-                values.update(changes)
-        return dataclasses.replace(self, overrides=(), **values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-native: thresholds as written (`"5%"`), overrides by pattern."""
-        out: dict[str, Any] = {k: _show(getattr(self, k)) for k in GATE_KEYS}
-        if self.overrides:
-            out["quantizers"] = {p: {k: _show(v) for k, v in ch.items()} for p, ch in self.overrides}
-        return out
-
-
-def _show(v: Any) -> Any:
-    return str(v) if isinstance(v, PerplexityFloor) else v
-
-
-def parse_threshold(key: str, value: Any, where: str = "") -> Any:
-    """Check and convert one gate setting (a TOML value or an option string).
-
-    `min_perplexity` takes "5%" (relative) or a number >= 1 (absolute); `min_usage` and
-    `max_dead_fraction` a fraction in [0, 1] or a percentage; `window` a positive integer;
-    `fail_on` error|warning|never. "off" (or `false`) turns a threshold check off.
-
-    Args:
-        key: a name from `GATE_KEYS`.
-        value: the value as written.
-        where: where it was written, for the error message (e.g. "--min-usage").
-
-    Raises:
-        ConfigError: unknown key or a bad value.
-    """
-    label = where or key
-    if key not in GATE_KEYS:
-        raise ConfigError(f"unknown gate setting {key!r}{' in ' + where if where else ''}; "
-                          f"known: {', '.join(GATE_KEYS)}")
-    text = value.strip() if isinstance(value, str) else value
-    if key in THRESHOLD_CHECKS and (text is False or (isinstance(text, str) and text.lower() in OFF)):
-        return None
-    if key == "fail_on":
-        if not isinstance(text, str) or text.lower() not in FAIL_ON:
-            raise ConfigError(f"{label}: expected one of {', '.join(FAIL_ON)}, got {value!r}")
-        return text.lower()
-    if key == "window":
-        if isinstance(text, str) and text.lower() in OFF + ("auto",):
-            return None
-        try:
-            if isinstance(text, bool) or isinstance(text, float):
-                raise ValueError
-            n = int(text)
-        except (TypeError, ValueError):
-            n = 0
-        if n < 1:
-            raise ConfigError(f"{label}: expected a number of steps >= 1, got {value!r}")
-        return n
-    pct = isinstance(text, str) and text.endswith("%")
-    try:
-        if isinstance(text, bool):
-            raise ValueError
-        x = float(text[:-1] if pct else text)
-    except (TypeError, ValueError):
-        x = math.nan
-    if not math.isfinite(x):
-        hint = '"5%" of the reachable codes or an absolute number >= 1' \
-            if key == "min_perplexity" else 'a fraction in [0, 1], e.g. 0.25, or "25%"'
-        raise ConfigError(f"{label}: expected {hint}, got {value!r}")
-    if key == "min_perplexity":
-        if pct:
-            if not 0 < x <= 100:
-                raise ConfigError(f"{label}: a relative perplexity floor must be in (0%, 100%], "
-                                  f"got {value!r}")
-            return PerplexityFloor(x / 100, relative=True)
-        if x < 1:
-            raise ConfigError(f"{label}: a perplexity is never below 1, so {value!r} never fails; "
-                              f"for a share of the codes write a percentage, e.g. \"{x * 100:g}%\"")
-        return PerplexityFloor(x)
-    frac = x / 100 if pct else x
-    if not 0 <= frac <= 1:
-        raise ConfigError(f"{label}: expected a fraction in [0, 1] (or 0%..100%), got {value!r}")
-    return frac
-
-
-def resolve_thresholds(cli: Mapping[str, Any] | None = None,
-                       config: Mapping[str, Any] | None = None) -> GateThresholds:
-    """Gate thresholds from the command line and `[tool.vqdoctor.gate]`: CLI > file > defaults.
-
-    Per-quantizer tables (`[tool.vqdoctor.gate.quantizers."pattern"]`) refine the file's values
-    for matching quantizers; a value given on the command line wins over them too.
-
-    Args:
-        cli: settings given on the command line (None values are "not given").
-        config: the `[tool.vqdoctor.gate]` table (e.g. `load_config().gate`).
-
-    Raises:
-        ConfigError: unknown keys or bad values, naming where they were written.
-    """
-    cli = {k: v for k, v in (cli or {}).items() if v is not None}
-    config = dict(config or {})
-    values: dict[str, Any] = {}
-    tables = config.pop("quantizers", {}) or {}
-    for key, value in config.items():
-        values[key] = parse_threshold(key, value, f"[tool.vqdoctor.gate] {key}")
-    overrides = []
-    for pattern, table in tables.items():
-        where = f'[tool.vqdoctor.gate.quantizers."{pattern}"]'
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where} must be a table of thresholds")
-        changes = {}
-        for key, value in table.items():
-            if key not in THRESHOLD_CHECKS:
-                raise ConfigError(f"unknown setting {key!r} in {where}; known: "
-                                  f"{', '.join(THRESHOLD_CHECKS)}")
-            if key not in cli:  # the command line wins over the file, per-quantizer tables too
-                changes[key] = parse_threshold(key, value, f"{where} {key}")
-        overrides.append((str(pattern), changes))
-    for key, value in cli.items():
-        values[key] = parse_threshold(key, value, "--" + key.replace("_", "-"))
-    return GateThresholds(**values, overrides=tuple(overrides))
+# the gate's API keeps its names
+resolve_thresholds = resolve_gate_thresholds
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -399,21 +222,6 @@ class GateResult:
 
 
 # --- measuring ---------------------------------------------------------------------------------
-
-
-def reachable_codes(codebook_size: float, tokens: float | None) -> float:
-    """Codes a measurement of `tokens` draws can reach: K (1 - e^(-n/K)); K when n is unknown.
-
-    Uniform draws of n tokens from K codes hit that many distinct codes on average, and the
-    perplexity of such a draw is of the same size, so it is the ceiling that relative floors are
-    taken of. `tokens` None (EMA counts, which average many steps) gives K.
-    """
-    k = float(codebook_size)
-    if tokens is None or not math.isfinite(tokens) or k <= 0:
-        return k
-    if tokens <= 0:
-        return 0.0
-    return k * -math.expm1(-tokens / k)
 
 
 @dataclass(frozen=True)
@@ -598,128 +406,34 @@ def _training_check(report: Report, command: Sequence[str] | None,
 # --- the gate ----------------------------------------------------------------------------------
 
 
-def is_run_dir(path: str | Path) -> bool:
-    """True for a directory recorded by `vqdoctor.watch` (it holds meta.json or rank*.jsonl)."""
-    p = Path(path)
-    return p.is_dir() and ((p / "meta.json").is_file() or any(p.glob("rank*.jsonl")))
-
-
-def run_window_metrics(run_dir: str | Path, window: int) -> tuple[dict[str, dict[str, float]], str]:
-    """Windowed usage metrics of each quantizer over the last `window` steps of a run.
-
-    Sums the recorded code counts (`hist` records, all ranks) whose interval lies within the
-    last `window` steps; records are kept per flush interval, so the window is rounded to whole
-    intervals (at least the latest one).
-
-    Returns:
-        ({quantizer: {usage_window, usage_fraction, dead_fraction, perplexity_window,
-        window_tokens, window_steps, ...}}, a note on the steps covered, "" when exact).
-    """
-    import numpy as np
-
-    from vqdoctor.watch.stats import window_metrics
-    from vqdoctor.watch.store import load_records
-
-    _, streams = load_records(run_dir)
-    by_q: dict[str, list[dict[str, Any]]] = {}
-    for recs in streams.values():
-        for r in recs:
-            if r.get("t") == "hist" and isinstance(r.get("counts"), list) and "step" in r:
-                by_q.setdefault(str(r.get("q")), []).append(r)
-    out: dict[str, dict[str, float]] = {}
-    notes = []
-    for name, recs in by_q.items():
-        last = max(int(r["step"]) for r in recs)
-        start = last - window + 1
-        inside = [r for r in recs if int(r.get("first_step", r["step"])) >= start]
-        if not inside:  # the window is shorter than one recorded interval: take the latest one
-            inside = [r for r in recs if int(r["step"]) == last]
-        heads = int(inside[0].get("heads") or 1)
-        acc = None
-        for r in inside:
-            c = np.asarray(r["counts"], dtype=np.float64)
-            if c.size % heads:
-                continue
-            c = c.reshape(heads, -1)
-            acc = c if acc is None else (acc + c if acc.shape == c.shape else acc)
-        if acc is None:
-            continue
-        first = min(int(r.get("first_step", r["step"])) for r in inside)
-        covered = last - first + 1
-        m = {k: float(v) for k, v in window_metrics(acc).items()}
-        m["window_steps"] = float(covered)
-        out[name] = {k: v for k, v in m.items() if math.isfinite(v)}
-        if covered != window:
-            notes.append(f"{name or '(root)'}: --window {window} covers the last {covered} steps "
-                         f"(steps {first}..{last}; usage is recorded per interval)")
-    return out, "; ".join(notes)
-
-
-def gate(
-    target: str | Path | Sequence[str | Path],
-    thresholds: GateThresholds | None = None,
-    *,
-    probe: str | Path | None = None,
-    quantizers: Sequence[str] | None = None,
-    trust_checkpoint: bool = False,
-    rule_thresholds: dict[str, dict[str, Any]] | None = None,
-    command: Sequence[str] | None = None,
-    exit_code: int | None = None,
-) -> GateResult:
-    """Gate a run directory or checkpoint(s) on codebook health and findings.
+def judge(report: Report, thresholds: GateThresholds | None = None, *, target: str = "",
+          probe: bool = False, quantizers: Sequence[str] | None = None,
+          command: Sequence[str] | None = None, exit_code: int | None = None) -> GateResult:
+    """Judge a finished report on codebook health and findings (reads nothing itself).
 
     Args:
-        target: a run directory, or checkpoint file(s)/folder(s) (several: one run, oldest first).
+        report: the ranked diagnosis of a run (`source.kind` "run") or checkpoint(s); for a run
+            gated over `thresholds.window` steps, a report made with that window
+            (`diagnosis.report_run(..., window=N)`).
         thresholds: what to require (default `GateThresholds()`).
-        probe: checkpoints: a tensor file of encoder outputs, measured as a second source.
+        target: what was gated, for people.
+        probe: the report measured a probe (a second source for checkpoints).
         quantizers: fnmatch patterns: gate only quantizers whose name matches one (each pattern
             must match at least one).
-        trust_checkpoint: allow full unpickling of checkpoints (runs code from the file).
-        rule_thresholds: per-rule threshold overrides for the diagnosis.
         command: the training command, when the caller ran it (`gate -- CMD`).
         exit_code: that command's exit status; non-zero fails the `training` check.
 
-    Returns:
-        The gate result (it never raises for a failed gate).
-
     Raises:
-        VQDoctorError: the target cannot be analysed (missing, unreadable, no quantizer, bad
-            probe, a pattern that matches no quantizer, a probe given for a run, ...).
+        InputError: a pattern that matches no quantizer.
     """
     th = thresholds or GateThresholds()
-    paths = [Path(target)] if isinstance(target, (str, Path)) else [Path(p) for p in target]
-    if not paths:
-        raise InputError("nothing to gate: give a run directory or checkpoint file(s)")
-    runs = [is_run_dir(p) for p in paths]
+    kind = "run" if report.source.get("kind") == "run" else "checkpoint"
     notes: list[str] = []
-    window_steps: float | None = None
-    if any(runs):
-        if len(paths) > 1:
-            raise InputError("gate one run directory at a time (or checkpoint files, oldest first)",
-                             path=str(paths[0]))
-        if probe is not None:
-            raise InputError("--probe applies to checkpoints; a run directory records usage itself",
-                             path=str(paths[0]))
-        from vqdoctor.watch.report import report_run
-
-        report = report_run(paths[0], rule_thresholds)
-        kind = "run"
-        if th.window is not None:
-            windowed, note = run_window_metrics(paths[0], th.window)
-            if note:
-                notes.append(note)
-            report = dataclasses.replace(report, quantizers=[
-                dataclasses.replace(q, metrics={**q.metrics, **windowed.get(q.name, {})})
-                for q in report.quantizers])
-    else:
-        from vqdoctor.diagnosis import inspect_checkpoints
-
-        if th.window is not None:
-            notes.append("window ignored: a checkpoint has no steps")
-        report = inspect_checkpoints(paths, probe=probe, trust_checkpoint=trust_checkpoint,
-                                     thresholds=rule_thresholds)
-        kind = "checkpoint"
-
+    window_note = (report.source.get("window") or {}).get("note")
+    if window_note:
+        notes.append(window_note)
+    if kind == "checkpoint" and th.window is not None:
+        notes.append("window ignored: a checkpoint has no steps")
     selected = list(report.quantizers)
     if quantizers:
         names = [q.name for q in report.quantizers]
@@ -732,13 +446,14 @@ def gate(
 
     checks: list[Check] = []
     measured = False
+    window_steps: float | None = None
     for q in selected:
         qth = th.for_quantizer(q.name)
         top = _top_finding(report, q.name)
         if kind == "run":
             window_steps = _num(q.metrics, "window_steps")
         for name in THRESHOLD_CHECKS:
-            c = _threshold_check(name, q, kind, qth, probe is not None, window_steps, top)
+            c = _threshold_check(name, q, kind, qth, probe, window_steps, top)
             measured = measured or c.status is not Status.SKIP or getattr(qth, name) is None
             checks.append(c)
         checks.append(_findings_check(report, q.name, th.fail_on))
@@ -752,17 +467,56 @@ def gate(
                 f"failed; the analysis is incomplete"] if report.errors else []
     if selected and not measured:
         problems.append("no threshold could be measured for any quantizer"
-                        + ("" if kind == "run" or probe is not None
-                           else "; give --probe FILE (encoder outputs)"))
+                        + ("" if kind == "run" or probe else "; give --probe FILE (encoder outputs)"))
     if not selected:
         problems.append("no quantizer to gate")
-    shown = " ".join(command) if command else " ".join(str(p) for p in paths)
-    return GateResult(target=shown, kind=kind, thresholds=th, checks=tuple(checks), report=report,
+    return GateResult(target=target, kind=kind, thresholds=th, checks=tuple(checks), report=report,
                       problems=tuple(problems), notes=tuple(notes),
                       command=tuple(command) if command is not None else None,
                       exit_code=exit_code)
 
 
+def gate(
+    target: str | Path | Sequence[str | Path],
+    thresholds: GateThresholds | None = None,
+    *,
+    probe: str | Path | None = None,
+    quantizers: Sequence[str] | None = None,
+    trust_checkpoint: bool = False,
+    rule_thresholds: dict[str, dict[str, Any]] | None = None,
+    command: Sequence[str] | None = None,
+    exit_code: int | None = None,
+) -> GateResult:
+    """Gate a run directory or checkpoint(s): `judge` of the report `diagnosis.report_target` makes.
+
+    Args:
+        target: a run directory, or checkpoint file(s)/folder(s) (several: one run, oldest first).
+        thresholds: what to require (default `GateThresholds()`).
+        probe: checkpoints: a tensor file of encoder outputs, measured as a second source.
+        quantizers: fnmatch patterns: gate only quantizers whose name matches one.
+        trust_checkpoint: allow full unpickling of checkpoints (runs code from the file).
+        rule_thresholds: per-rule threshold overrides for the diagnosis.
+        command: the training command, when the caller ran it (`gate -- CMD`).
+        exit_code: that command's exit status; non-zero fails the `training` check.
+
+    Returns:
+        The gate result (it never raises for a failed gate).
+
+    Raises:
+        VQDoctorError: the target cannot be analysed (missing, unreadable, no quantizer, bad
+            probe, a pattern that matches no quantizer, a probe given for a run, ...).
+    """
+    from vqdoctor.diagnosis import report_target
+
+    th = thresholds or GateThresholds()
+    paths = [Path(target)] if isinstance(target, (str, Path)) else [Path(p) for p in target]
+    report = report_target(paths, probe=probe, trust_checkpoint=trust_checkpoint,
+                           thresholds=rule_thresholds, window=th.window)
+    shown = " ".join(command) if command else " ".join(str(p) for p in paths)
+    return judge(report, th, target=shown, probe=probe is not None, quantizers=quantizers,
+                 command=command, exit_code=exit_code)
+
+
 __all__ = ["FAIL_ON", "GATE_KEYS", "SCHEMA_VERSION", "THRESHOLD_CHECKS", "Check", "GateResult",
-           "GateThresholds", "PerplexityFloor", "Status", "gate", "is_run_dir",
-           "parse_threshold", "reachable_codes", "resolve_thresholds", "run_window_metrics"]
+           "GateThresholds", "PerplexityFloor", "Status", "gate", "judge", "parse_threshold",
+           "reachable_codes", "resolve_thresholds"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rules_kit import checkpoint, ema_step, gen, measured, state
 
-from vqdoctor.rules import Finding, diagnose, registry, rule
+from vqdoctor.rules import Finding, registry, rule, run_rules
 from vqdoctor.rules.base import _REGISTRY, RuleSpec
 from vqdoctor.rules.ranking import rank
 
@@ -133,7 +133,7 @@ def test_a_raising_rule_becomes_an_error_entry():
         rule(spec, Params)(check)
         ev = checkpoint(measured(state(torch.randn(8, 2), kind="vq",
                                        optimizer={"exp_avg_sq": torch.zeros(8, 2)})))
-        findings, errors = diagnose(ev)
+        findings, errors = run_rules(ev)
     finally:
         _REGISTRY.pop("broken-for-test", None)
     assert errors == [{"rule": "broken-for-test", "code": "VQ999",
@@ -149,7 +149,7 @@ def test_zero_initialised_ema_checkpoint_diagnosed_end_to_end():
     cb, z = torch.randn(K, D, generator=g), torch.randn(4096, D, generator=g)
     e, n, m = ema_step(cb, z)
     probe = torch.randn(4096, D, generator=g)
-    findings, errors = diagnose(checkpoint(measured(state(e, counts=n, sums=m), probe=probe)))
+    findings, errors = run_rules(checkpoint(measured(state(e, counts=n, sums=m), probe=probe)))
     assert errors == []
     assert chain(findings) == [("ema-divergence", None), ("scale-mismatch", "ema-divergence"),
                                ("dead-codes", "scale-mismatch"), ("index-collapse", "dead-codes")]
@@ -164,7 +164,7 @@ def test_healthy_checkpoint_has_no_findings():
     e, n, m = cb, torch.ones(K), cb.clone()
     for _ in range(5):
         e, n, m = ema_step(e, z, counts=n, sums=m)
-    findings, errors = diagnose(checkpoint(measured(state(e, counts=n, sums=m), probe=z[:4096])))
+    findings, errors = run_rules(checkpoint(measured(state(e, counts=n, sums=m), probe=z[:4096])))
     assert (findings, errors) == ([], [])
 
 

@@ -74,7 +74,7 @@ def test_run_collapse_onset():
 def test_collapsed_inputs_make_index_collapse_the_root():
     """A saturated sigmoid head maps every input to one corner of the cube: the probe has no
     spread, one code takes everything and the others die because one point is all the data."""
-    from vqdoctor.rules import diagnose
+    from vqdoctor.rules import run_rules
 
     g = gen(5)
     K, D = 256, 16
@@ -86,14 +86,14 @@ def test_collapsed_inputs_make_index_collapse_the_root():
     assert (f.severity, f.confidence) == ("error", 0.9)
     assert f.message.startswith("encoder outputs collapsed to a point")
     assert f.evidence["z_spread"] < 1e-6 and f.evidence["explains"] == ["dead-codes"]
-    findings, _ = diagnose(checkpoint(q))
+    findings, _ = run_rules(checkpoint(q))
     assert [(x.id, x.caused_by) for x in findings if x.severity != "info"][:2] == [
         ("index-collapse", None), ("dead-codes", "index-collapse")]
     # spread-out inputs collapsed by the codebook: a symptom, dead codes explain it
     spread = measured(state(cb, kind="vq"), probe=cb[:2].repeat(1024, 1) + 0.01 * torch.randn(2048, D, generator=g))
     f = one(RULE, checkpoint(spread))
     assert "collapsed to a point" not in f.message and "explains" not in f.evidence
-    findings, _ = diagnose(checkpoint(spread))
+    findings, _ = run_rules(checkpoint(spread))
     assert [(x.id, x.caused_by) for x in findings][:2] == [("dead-codes", None), ("index-collapse", "dead-codes")]
 
 
@@ -113,11 +113,11 @@ def test_checkpoint_mode_never_imports_pandas():
     code = ("import sys, torch\n"
             "from vqdoctor.quantizers.base import QuantizerState\n"
             "from vqdoctor.metrics.codebook import codebook_metrics\n"
-            "from vqdoctor.diagnosis import evidence_from_states\n"
-            "from vqdoctor.rules import diagnose\n"
+            "from vqdoctor.sources.checkpoint import evidence_from_states\n"
+            "from vqdoctor.rules import run_rules\n"
             "c = torch.zeros(64); c[:2] = 10.0\n"
             "s = QuantizerState('q', 'vq-ema', 'generic', 64, 4, codebook=torch.randn(1, 64, 4), cluster_size=c[None])\n"
-            "f, e = diagnose(evidence_from_states([s], {'q': codebook_metrics(s)}))\n"
+            "f, e = run_rules(evidence_from_states([s], {'q': codebook_metrics(s)}))\n"
             "assert e == [] and 'index-collapse' in [x.id for x in f], (f, e)\n"
             "print('pandas' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

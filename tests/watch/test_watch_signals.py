@@ -16,7 +16,7 @@ from torch import nn
 import vqdoctor
 from tests.libs import LUCIDRAINS_ZERO_INIT
 from tests.watch.watch_models import QuantAE, SyncFreeEMAQuantizer, lucid_vq, make_data, train
-from vqdoctor.watch import hooks
+from vqdoctor.metrics import device
 from vqdoctor.watch.store import load_records, records_frame
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
@@ -126,15 +126,15 @@ def test_one_hot_assignments_are_counted(tmp_path):
 def test_blowup_measure_guards_a_reference_at_zero():
     nan = torch.full((), float("nan"))
     norms = torch.tensor([[1.0, 1.1, 0.9, 1e5, 2e5]])
-    top, rows = hooks._blowup(norms, torch.tensor(1.0), torch.tensor(1.2), nan)
+    top, rows = device.blowup(norms, torch.tensor(1.0), torch.tensor(1.2), nan)
     assert (float(top), float(rows)) == (2e5, 2.0)
     # the only live code sits at the origin (an encoder output of exactly 0): no reference
-    top, rows = hooks._blowup(norms, torch.tensor(1e-10), torch.tensor(0.0), nan)
+    top, rows = device.blowup(norms, torch.tensor(1e-10), torch.tensor(0.0), nan)
     assert math.isnan(float(top)) and math.isnan(float(rows))
     # codes that followed a growing encoder to ||z|| ~ 170 while the weighted median stayed at
     # the initial scale are not blown up: the inputs are the reference
     followed = torch.tensor([[1.1] * 6 + [150.0, 290.0]])
-    top, rows = hooks._blowup(followed, torch.tensor(1.1), torch.tensor(170.0), nan)
+    top, rows = device.blowup(followed, torch.tensor(1.1), torch.tensor(170.0), nan)
     assert (float(top), float(rows)) == (290.0, 0.0)
 
 
@@ -206,7 +206,7 @@ def test_short_windows_do_not_count_as_dead(tmp_path):
     with vqdoctor.watch(model, tmp_path / "run", flush_every=20, stats_every=5) as doctor:
         train(model, make_data(8), doctor=doctor)
     q = vqdoctor.report(tmp_path / "run")
-    from vqdoctor.watch.report import evidence_from_records
+    from vqdoctor.sources.run import evidence_from_records
 
     ev, *_ = evidence_from_records(*load_records(tmp_path / "run"))
     s = ev.quantizers[0].series

@@ -169,7 +169,7 @@ def gate(
 
     Exit 0 when every check passes, 1 when one fails, 2 when the target could not be analysed.
     """
-    from vqdoctor.gate import is_run_dir
+    from vqdoctor.diagnosis import is_run_dir
     from vqdoctor.gate_formats import GATE_FORMATS, render
 
     targets, command = split_targets(ctx, list(targets or []))

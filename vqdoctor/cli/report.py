@@ -35,7 +35,7 @@ def report(
 
     Exit 0 when nothing is at or above --fail-on, 1 when something is, 2 when the run could not be analysed.
     """
-    from vqdoctor.watch.report import report_run
+    from vqdoctor.diagnosis import report_run
     from vqdoctor.watch.store import load_records
 
     _, streams = load_records(run_dir)  # missing, or not a run: one line, exit 2

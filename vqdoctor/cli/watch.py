@@ -200,8 +200,8 @@ def watch_command(command: list[str], *, run_dir: Path | None, flush_every: int,
 def watch_run_dir(run_dir: Path, *, fmt: ReportFormat, output: Path | None, fail_on: str,
                   panel: str, thresholds: dict[str, dict[str, Any]] | None) -> int:
     """Follow a run recorded elsewhere until it ends (or Ctrl-C), then print its report."""
+    from vqdoctor.diagnosis import report_run
     from vqdoctor.watch.panel import follow_run
-    from vqdoctor.watch.report import report_run
     from vqdoctor.watch.store import load_records
 
     load_records(run_dir)  # a missing directory, or one that holds no run: one line, exit 2

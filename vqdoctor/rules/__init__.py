@@ -1,4 +1,4 @@
-"""Failure-mode rules (one module per SPEC id, `vqNNN_<slug>.py`), registry and diagnosis."""
+"""Failure-mode rules (one module per failure-mode id, `vqNNN_<slug>.py`), registry and `run_rules`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 
-def diagnose(ev: Evidence, thresholds: dict[str, dict[str, Any]] | None = None,
+def run_rules(ev: Evidence, thresholds: dict[str, dict[str, Any]] | None = None,
              select: set[str] | None = None) -> tuple[list[Finding], list[dict[str, Any]]]:
     """Run every rule over `ev` and rank the findings.
 
@@ -62,4 +62,4 @@ def diagnose(ev: Evidence, thresholds: dict[str, dict[str, Any]] | None = None,
 
 
 __all__ = ["Evidence", "Finding", "QuantizerEvidence", "Rule", "RuleSpec", "Severity",
-           "diagnose", "rank", "registry", "rule"]
+           "rank", "registry", "rule", "run_rules"]

@@ -37,6 +37,7 @@ from vqdoctor.watch.alerts import Alert, by_step, merge
 from vqdoctor.watch.store import (
     SCHEMA_VERSION,
     RunStore,
+    StoreTail,
     WatchWarning,
     load_records,
     load_run,
@@ -60,6 +61,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DEFAULT_ROOT = "vqdoctor-runs"
+# Steps of records the live alerts judge (twice the longest automatic usage window): enough for
+# every rule's window and sustain checks, and a bound on the cost of each alert check.
+ALERT_HISTORY_STEPS = 10_000
 
 COMPILE_NOTES = """\
 Under torch.compile (the whole model, or the quantizer alone) the watch records every signal it
@@ -145,6 +149,7 @@ class Doctor:
         self._recorder = None
         self._alerts: dict[tuple[str, str | None], Alert] = {}
         self._alerts_at = -1
+        self._tail: StoreTail | None = None
         self.started = False
         self.closed = False
 
@@ -159,8 +164,8 @@ class Doctor:
         """
         if self.started:
             return self
-        from vqdoctor.watch.hooks import Recorder
         from vqdoctor.watch.live import find_quantizers
+        from vqdoctor.watch.recorder import Recorder
 
         events: list[dict[str, Any]] = []
         try:
@@ -339,7 +344,7 @@ class Doctor:
 
     def report(self, thresholds: dict[str, dict[str, Any]] | None = None):
         """Flush, then the ranked diagnosis of everything recorded so far (`vqdoctor.report.Report`)."""
-        from vqdoctor.watch.report import build_report
+        from vqdoctor.diagnosis import report_records as build_report
 
         self.flush()
         meta, streams = self._records()
@@ -356,10 +361,16 @@ class Doctor:
         if rec is not None and rec.interval != self._alerts_at:
             self._alerts_at = rec.interval
             try:
-                from vqdoctor.watch.report import build_report
+                from vqdoctor.diagnosis import report_records
 
-                meta, streams = self._records()
-                merge(self._alerts, build_report(meta, streams, [str(self.run_dir)]).findings)
+                if self.store.failed:
+                    meta, streams = self._records()
+                else:  # read incrementally, over a bounded history: the cost does not grow with the run
+                    if self._tail is None:
+                        self._tail = StoreTail(self.run_dir, keep_steps=ALERT_HISTORY_STEPS)
+                    self._tail.poll()
+                    meta, streams = self._tail.meta or dict(self.store.meta), self._tail.streams
+                merge(self._alerts, report_records(meta, streams, [str(self.run_dir)]).findings)
             except Exception as e:
                 warnings.warn(f"vqdoctor: alerts unavailable ({type(e).__name__}: {e})", WatchWarning, stacklevel=2)
         return by_step(self._alerts.values())
@@ -423,8 +434,8 @@ def watch(model: Any, run_dir: str | os.PathLike[str] | None = None, *, flush_ev
 
 
 def report(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None):
-    """Ranked diagnosis of a recorded run (`vqdoctor.watch.report.report_run`)."""
-    from vqdoctor.watch.report import report_run
+    """Ranked diagnosis of a recorded run (`vqdoctor.diagnosis.report_run`)."""
+    from vqdoctor.diagnosis import report_run
 
     return report_run(run_dir, thresholds)
 

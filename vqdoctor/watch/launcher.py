@@ -405,7 +405,7 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
     if any(_size(p) for p in stream_paths(rd).values()):
         report = wp.current_report()  # the panel's final diagnosis, when it saw every record
         if report is None:
-            from vqdoctor.watch.report import report_run
+            from vqdoctor.diagnosis import report_run
 
             report = report_run(rd, thresholds)
     else:
@@ -684,7 +684,7 @@ def _watched_already(module: Any) -> bool:
     vqdoctor.watch itself)."""
     for hooks in (getattr(module, "_forward_hooks", {}), getattr(module, "_forward_pre_hooks", {})):
         for fn in list(hooks.values()):
-            if getattr(fn, "__module__", "") == "vqdoctor.watch.hooks":
+            if getattr(fn, "__module__", "") == "vqdoctor.watch.recorder":
                 return True
     return False
 

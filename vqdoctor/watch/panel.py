@@ -1,10 +1,10 @@
 """The live panel: what a watched run looks like while it is being recorded.
 
-The panel reads the run directory only (`RunTail` tails `rank*.jsonl` incrementally, skipping a
-torn last line exactly as the store's readers do), so it works the same over a training in this
+The panel reads the run directory only (`store.StoreTail` tails `rank*.jsonl` incrementally, the
+store's one reader), so it works the same over a training in this
 process (the demo), a child process (`vqdoctor watch -- CMD`) and a run recorded elsewhere
 (`vqdoctor watch RUN_DIR`). Every few seconds it runs the rules over the records so far
-(`vqdoctor.watch.report.build_report`) and raises an **alert** for each finding of severity
+(`vqdoctor.diagnosis.report_records`) and raises an **alert** for each finding of severity
 error or warning, with the step at which it first held; an alert keeps the earliest step it was
 ever seen at.
 
@@ -25,7 +25,6 @@ Three displays (`open_display`):
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import time
@@ -38,112 +37,15 @@ from rich.table import Table
 from rich.text import Text
 
 from vqdoctor.watch.alerts import Alert, by_step, merge
-from vqdoctor.watch.store import read_meta, stream_paths
+from vqdoctor.watch.store import StoreTail as RunTail
+
+# Steps of records the panel's rules judge: a bound on each check's cost (as the Doctor's alerts).
+HISTORY_STEPS = 10_000
 
 # quantizers shown (the rest are counted)
 MAX_QUANTIZERS = 8
 # alerts shown in the terminal panels (most recent first-held steps last)
 MAX_ALERTS = 6
-
-
-class RunTail:
-    """Incremental reader of a run directory that is being written.
-
-    Each `poll` reads only the bytes appended since the last one; a line is parsed once it is
-    complete (a torn or unparsable line is skipped, never an error), and a `start` record
-    begins a new session of its rank, as in `vqdoctor.watch.store.load_records`.
-
-    Attributes:
-        run_dir: the run directory.
-        meta: the latest meta.json ({} while absent).
-        streams: rank -> records of its current session.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike[str]):
-        self.run_dir = Path(run_dir)
-        self.meta: dict[str, Any] = {}
-        self.streams: dict[int, list[dict[str, Any]]] = {}
-        self._pos: dict[int, int] = {}
-        self._rest: dict[int, bytes] = {}
-        self._meta_mtime: float | None = None
-
-    def poll(self) -> list[tuple[int, dict[str, Any]]]:
-        """Read what was appended since the last call.
-
-        Returns:
-            The new records as (rank, record), in file order per rank.
-        """
-        new: list[tuple[int, dict[str, Any]]] = []
-        self._poll_meta()
-        try:
-            paths = stream_paths(self.run_dir)
-        except OSError:
-            return new
-        for rank, path in paths.items():
-            try:
-                size = path.stat().st_size
-            except OSError:
-                continue
-            pos = self._pos.get(rank, 0)
-            if size < pos:  # replaced or truncated: read it again from the start
-                pos = 0
-                self._rest[rank] = b""
-                self.streams[rank] = []
-            if size == pos:
-                continue
-            try:
-                with open(path, "rb") as f:
-                    f.seek(pos)
-                    data = f.read(size - pos)
-            except OSError:
-                continue
-            self._pos[rank] = pos + len(data)
-            lines = (self._rest.get(rank, b"") + data).split(b"\n")
-            self._rest[rank] = lines.pop()
-            recs = self.streams.setdefault(rank, [])
-            for raw in lines:
-                rec = _parse(raw)
-                if rec is None:
-                    continue
-                if rec["t"] == "start":
-                    recs.clear()
-                recs.append(rec)
-                new.append((rank, rec))
-        return new
-
-    def state(self, *, on_disk: bool = False) -> tuple:
-        """(meta.json mtime, bytes per rank): what was read, or what is on disk now."""
-        if not on_disk:
-            return (self._meta_mtime, tuple(sorted((r, n) for r, n in self._pos.items() if n)))
-        try:
-            mtime: float | None = (self.run_dir / "meta.json").stat().st_mtime_ns
-            sizes = tuple(sorted((r, n) for r, p in stream_paths(self.run_dir).items()
-                                 if (n := p.stat().st_size)))
-        except OSError:
-            return (None, ())
-        return (mtime, sizes)
-
-    def _poll_meta(self) -> None:
-        try:
-            mtime = (self.run_dir / "meta.json").stat().st_mtime_ns
-        except OSError:
-            return
-        if mtime != self._meta_mtime:
-            meta = read_meta(self.run_dir)
-            if meta:
-                self.meta = meta
-                self._meta_mtime = mtime
-
-
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    raw = raw.strip()
-    if not raw:
-        return None
-    try:
-        rec = json.loads(raw.decode("utf-8", errors="replace"))
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) and "t" in rec else None
 
 
 def _num(v: Any) -> float | None:
@@ -180,7 +82,7 @@ class WatchPanel:
 
     def __init__(self, run_dir: str | os.PathLike[str], *, rules_every: float = 3.0,
                  thresholds: dict[str, dict[str, Any]] | None = None):
-        self.tail = RunTail(run_dir)
+        self.tail = RunTail(run_dir, keep_steps=HISTORY_STEPS)
         self.run_dir = Path(run_dir)
         self.rules_every = float(rules_every)
         self.thresholds = thresholds
@@ -266,7 +168,7 @@ class WatchPanel:
         if not self.recorded or self._rules_failed:
             return []
         try:  # imported before the clock starts: a one-time cost must not stretch every wait
-            from vqdoctor.watch.report import build_report
+            from vqdoctor.diagnosis import report_records as build_report
         except Exception as e:
             self._rules_failed = True
             self.errors.append(f"alerts unavailable ({type(e).__name__}: {e})")
@@ -288,8 +190,8 @@ class WatchPanel:
     def current_report(self) -> Any:
         """The report of the last rules run when nothing was written since (else None): the
         launcher's final report without diagnosing the same records twice."""
-        if self.last_report is None or self._report_state is None:
-            return None
+        if self.last_report is None or self._report_state is None or self.tail.trimmed:
+            return None  # (a trimmed tail judged the recent steps only, not the whole run)
         return self.last_report if self.tail.state(on_disk=True) == self._report_state else None
 
     def sorted_alerts(self) -> list[Alert]:

@@ -75,6 +75,8 @@ from vqdoctor.errors import RunStoreError
 
 SCHEMA_VERSION = 1
 META = "meta.json"
+# An `fp` record's fingerprint: sampled codebook rows, then this many block sums of the table.
+FP_BLOCKS = 16
 # Records kept in memory when the run directory cannot be written (oldest dropped beyond this).
 MEMORY_LIMIT = 200_000
 
@@ -233,23 +235,155 @@ class RunStore:
 # ----------------------------------------------------------------------------------- readers
 
 
-def _parse_lines(text: str) -> list[dict[str, Any]]:
-    """Records of one stream, after its last `start`; unparsable lines (a torn tail) skipped."""
-    out: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    """One record, or None for a blank, torn or unparsable line (never an error)."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        rec = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "t" in rec else None
+
+
+class StoreTail:
+    """Incremental reader of a run directory that is being written.
+
+    The store's one reader: `load_records` is a single `poll`, the live panel and the Doctor's
+    alerts poll repeatedly. Each `poll` reads only the bytes appended since the last one; a line
+    is parsed once it is complete (a torn or unparsable line is skipped, never an error), and a
+    `start` record begins a new session of its rank.
+
+    Args:
+        run_dir: the run directory.
+        keep_steps: keep only the records of the last `keep_steps` steps of each rank (and its
+            `start` record), so that what is kept, and the rules run over it, does not grow with
+            the run's length (live alerts); None keeps everything.
+        strict: raise `RunStoreError` when a stream cannot be read (else it is skipped this time).
+
+    Attributes:
+        run_dir: the run directory.
+        meta: the latest meta.json ({} while absent).
+        streams: rank -> records of its current session.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, keep_steps: int | None = None,
+                 strict: bool = False):
+        self.run_dir = Path(run_dir)
+        self.keep_steps = keep_steps
+        self.strict = strict
+        self.trimmed = False  # some records were dropped (keep_steps): not the whole run
+        self.meta: dict[str, Any] = {}
+        self.streams: dict[int, list[dict[str, Any]]] = {}
+        self._pos: dict[int, int] = {}
+        self._rest: dict[int, bytes] = {}
+        self._meta_mtime: float | None = None
+
+    def poll(self, final: bool = False) -> list[tuple[int, dict[str, Any]]]:
+        """Read what was appended since the last call.
+
+        Args:
+            final: also parse a last line without its newline (a one-shot read of a finished or
+                killed run; a live tail waits for the newline).
+
+        Returns:
+            The new records as (rank, record), in file order per rank.
+        """
+        new: list[tuple[int, dict[str, Any]]] = []
+        self._poll_meta()
         try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a torn line (killed mid-write) or garbage: never an error
-        if not isinstance(r, dict) or "t" not in r:
-            continue
-        if r["t"] == "start":
-            out = []
-        out.append(r)
-    return out
+            paths = stream_paths(self.run_dir)
+        except OSError as e:
+            if self.strict:
+                raise RunStoreError(f"cannot list the run directory: {e.strerror or e}",
+                                    path=str(self.run_dir)) from None
+            return new
+        for rank, path in paths.items():
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            pos = self._pos.get(rank, 0)
+            if size < pos:  # replaced or truncated: read it again from the start
+                pos = 0
+                self._rest[rank] = b""
+                self.streams[rank] = []
+            if size == pos:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    data = f.read(size - pos)
+            except OSError as e:
+                if self.strict:
+                    raise RunStoreError(f"cannot read {path.name}: {e.strerror or e}",
+                                        path=str(self.run_dir)) from None
+                continue
+            self._pos[rank] = pos + len(data)
+            lines = (self._rest.get(rank, b"") + data).split(b"\n")
+            self._rest[rank] = b"" if final else lines.pop()
+            recs = self.streams.setdefault(rank, [])
+            for raw in lines:
+                rec = _parse_line(raw)
+                if rec is None:
+                    continue
+                if rec["t"] == "start":
+                    recs.clear()
+                recs.append(rec)
+                new.append((rank, rec))
+            if self.keep_steps is not None:
+                self._trim(recs)
+        return new
+
+    def _trim(self, recs: list[dict[str, Any]]) -> None:
+        """Drop step-dated records older than `keep_steps` steps before the newest one."""
+        last = max((r["step"] for r in reversed(recs[-64:]) if isinstance(r.get("step"), int)), default=None)
+        if last is None or len(recs) < 2:
+            return
+        cut = last - int(self.keep_steps or 0)
+        old = recs[1] if recs[0].get("t") == "start" else recs[0]
+        if not isinstance(old.get("step"), int) or old["step"] >= cut:
+            return
+        head = recs[:1] if recs[0].get("t") == "start" else []
+        self.trimmed = True
+        recs[:] = head + [r for r in recs[len(head):]
+                          if not isinstance(r.get("step"), int) or r["step"] >= cut or r.get("t") == "codebook"]
+
+    def state(self, *, on_disk: bool = False) -> tuple:
+        """(meta.json mtime, bytes per rank): what was read, or what is on disk now."""
+        if not on_disk:
+            return (self._meta_mtime, tuple(sorted((r, n) for r, n in self._pos.items() if n)))
+        try:
+            mtime: float | None = (self.run_dir / "meta.json").stat().st_mtime_ns
+            sizes = tuple(sorted((r, n) for r, p in stream_paths(self.run_dir).items()
+                                 if (n := p.stat().st_size)))
+        except OSError:
+            return (None, ())
+        return (mtime, sizes)
+
+    def _poll_meta(self) -> None:
+        try:
+            mtime = (self.run_dir / "meta.json").stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime != self._meta_mtime:
+            meta = read_meta(self.run_dir)
+            if meta:
+                self.meta = meta
+                self._meta_mtime = mtime
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        rec = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "t" in rec else None
+
 
 
 def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -296,14 +430,9 @@ def load_records(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     meta = read_meta(d)
     if not paths and not meta:
         raise RunStoreError("no vqdoctor run here (no meta.json, no rank*.jsonl)", path=str(run_dir))
-    streams: dict[int, list[dict[str, Any]]] = {}
-    for rank, p in paths.items():
-        try:
-            text = p.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise RunStoreError(f"cannot read {p.name}: {e.strerror or e}", path=str(run_dir)) from None
-        streams[rank] = _parse_lines(text)
-    return meta, streams
+    tail = StoreTail(d, strict=True)
+    tail.poll(final=True)
+    return meta or tail.meta, {r: tail.streams.get(r, []) for r in paths}
 
 
 def records_frame(streams: dict[int, list[dict[str, Any]]]):

@@ -1,4 +1,4 @@
-"""A ranked diagnosis from a run directory alone: records -> evidence -> rules -> report.
+"""The run source: a run directory's records (every rank) -> the rules' evidence.
 
 Ranks are aggregated here: per-step values are averaged over ranks (counts of tokens and of
 non-finite elements or eval mutations are summed), and the windowed usage metrics are
@@ -6,36 +6,37 @@ recomputed from the `hist` records summed over ranks, so global usage is exact (
 figure a single process would report on the same data). With one rank the windowed metrics of
 the step records are used as recorded (exact per step).
 
-Windows that have not yet seen `stats.MIN_HITS_PER_CODE` x K vectors say nothing about which
+Windows that have not yet seen `constants.MIN_HITS_PER_CODE` x K vectors say nothing about which
 codes are dead: their hit-based metrics (`usage_window`, `usage_fraction`, `dead_fraction`) are
 gaps in the evidence, not values (the run store keeps them as recorded).
+
+With `window=N` the latest windowed usage is recomputed over the last N steps from the `hist`
+records (what `vqdoctor gate --window N` judges); the steps it could cover are in
+`source["window"]`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from vqdoctor import __version__
-from vqdoctor.report.model import QuantizerReport, Report
-from vqdoctor.rules import Evidence, QuantizerEvidence, diagnose
-from vqdoctor.watch import stats as S
-from vqdoctor.watch.store import load_records, records_frame
+from vqdoctor.metrics import usage as U
+from vqdoctor.metrics.constants import MIN_HITS_PER_CODE
+from vqdoctor.report.model import QuantizerReport
+from vqdoctor.rules.base import Evidence, QuantizerEvidence
+from vqdoctor.sources import Observation
+from vqdoctor.watch.store import FP_BLOCKS, records_frame
 
 # per-step values that are totals over ranks; every other column is averaged
 SUM_OVER_RANKS = {"tokens", "nonfinite_input", "nonfinite_output", "nonfinite_buffers", "nonfinite_grad",
                   "eval_mutation"}
 # per-step batch metrics: their "latest" value is the mean over the last flush interval, not one noisy step
 BATCH = {"tokens", "perplexity", "perplexity_fraction", "entropy_norm", "top1_share"}
-WINDOWED = ("usage_window", "usage_fraction", "dead_fraction", "entropy_norm_window", "perplexity_window",
-            "window_tokens")
-# windowed metrics that say which codes were never hit: meaningless until the window has seen
-# enough vectors to hit every code of a uniform usage (S.MIN_HITS_PER_CODE x K per head)
-HIT_BASED = ("usage_window", "usage_fraction", "dead_fraction")
+WINDOWED = U.WINDOW_NAMES
+HIT_BASED = U.HIT_BASED
 
 
 def _quantizer_infos(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -77,42 +78,74 @@ def _aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return out.dropna(axis=1, how="all")
 
 
-def _hist_windows(streams: dict[int, list[dict[str, Any]]], name: str
-                  ) -> tuple[list[int], list[np.ndarray], int | None, int]:
-    """Window counts summed over ranks at each hist step of one quantizer.
-
-    Returns (steps, [H, K] window counts per step, window W, heads H).
-    """
-    by_step: dict[int, np.ndarray] = {}
-    span: dict[int, int] = {}
+def _hist_intervals(streams: dict[int, list[dict[str, Any]]], name: str) -> tuple[list[U.UsageWindow], int | None]:
+    """The `hist` records of one quantizer, one `UsageWindow` per recorded interval (summed over
+    ranks, which record the same intervals), in step order; and the window W they were taken with."""
+    by_step: dict[int, list[U.UsageWindow]] = {}
     W: int | None = None
-    H = 1
     for recs in streams.values():
         for r in recs:
             if r.get("t") != "hist" or r.get("q") != name or not isinstance(r.get("counts"), list):
                 continue
             c = np.asarray(r["counts"], dtype=np.float64)
+            heads = int(r.get("heads") or 1)
+            if c.size % heads:
+                continue
             s = int(r["step"])
-            H = int(r.get("heads") or 1)
             W = int(r["window"]) if r.get("window") else W
-            by_step[s] = by_step[s] + c if s in by_step and by_step[s].shape == c.shape else c
-            span[s] = int(r.get("steps") or 1)
-    steps = sorted(by_step)
-    if not steps:
-        return [], [], W, H
-    W = W or S.WINDOW_MIN
-    out = []
-    for i, s in enumerate(steps):
-        acc = by_step[s].copy()
-        covered = span[s]
+            span = int(r.get("steps") or 1)
+            by_step.setdefault(s, []).append(U.UsageWindow().update(
+                c.reshape(heads, -1), steps=span, first_step=int(r.get("first_step", s - span + 1)), last_step=s))
+    return [U.merge_ranks(by_step[s]) for s in sorted(by_step)], W
+
+
+def _hist_windows(streams: dict[int, list[dict[str, Any]]], name: str
+                  ) -> tuple[list[int], list[np.ndarray], int | None]:
+    """Window counts (over ranks) at each hist step of one quantizer: each interval with the
+    ones before it until W steps are covered. Returns (steps, [H, K] window counts, W)."""
+    intervals, W = _hist_intervals(streams, name)
+    W = W or U.WINDOW_MIN
+    steps, out = [], []
+    for i, iv in enumerate(intervals):
+        acc = U.UsageWindow().merge(iv)
         j = i - 1
-        while j >= 0 and covered < W:
-            if by_step[steps[j]].shape == acc.shape:
-                acc += by_step[steps[j]]
-            covered += span[steps[j]]
+        while j >= 0 and acc.steps < W:
+            acc = acc.merge(intervals[j])
             j -= 1
-        out.append(acc.reshape(H, -1))
-    return steps, out, W, H
+        assert acc.counts is not None and iv.last_step is not None
+        steps.append(iv.last_step)
+        out.append(acc.counts)
+    return steps, out, W
+
+
+def window_usage(streams: dict[int, list[dict[str, Any]]], name: str, window: int
+                 ) -> tuple[dict[str, float], str]:
+    """Windowed usage of one quantizer over the last `window` steps of a run (all ranks).
+
+    Sums the `hist` records whose interval lies within the last `window` steps; records are kept
+    per flush interval, so the window is rounded to whole intervals (at least the latest one).
+
+    Returns:
+        (WINDOW_NAMES + window_steps, a note on the steps covered, "" when exact).
+    """
+    intervals, _ = _hist_intervals(streams, name)
+    if not intervals:
+        return {}, ""
+    last = intervals[-1].last_step
+    assert last is not None
+    start = last - window + 1
+    inside = [iv for iv in intervals if (iv.first_step if iv.first_step is not None else iv.last_step) >= start]
+    inside = inside or intervals[-1:]  # shorter than one recorded interval: take the latest one
+    acc = U.UsageWindow()
+    for iv in inside:
+        acc = acc.merge(iv)
+    first = acc.first_step if acc.first_step is not None else last
+    covered = last - first + 1
+    m = acc.compute()
+    m["window_steps"] = float(covered)
+    note = "" if covered == window else (f"{name or '(root)'}: --window {window} covers the last {covered} "
+                                         f"steps (steps {first}..{last}; usage is recorded per interval)")
+    return m, note
 
 
 def _latest(series: pd.DataFrame, flush_every: int) -> dict[str, float]:
@@ -142,7 +175,7 @@ def _mask_short_windows(series: pd.DataFrame, K: int) -> pd.DataFrame:
     if not K or "window_tokens" not in series.columns:
         return series
     wt = pd.to_numeric(series["window_tokens"], errors="coerce")
-    short = (wt < S.MIN_HITS_PER_CODE * K).to_numpy()
+    short = (wt < MIN_HITS_PER_CODE * K).to_numpy()
     if not short.any():
         return series
     series = series.copy()
@@ -168,7 +201,7 @@ def _rank_diff(streams: dict[int, list[dict[str, Any]]], name: str, code_norm: f
             continue
         rows0, f0 = by_rank[0]
         nrows = len(rows0)
-        d = (len(f0) - S.HIST_BUCKETS) // nrows if nrows else 0
+        d = (len(f0) - FP_BLOCKS) // nrows if nrows else 0
         worst = 0.0
         for rank, (_, f) in by_rank.items():
             if rank == 0 or f.shape != f0.shape:
@@ -189,7 +222,7 @@ def _rank_diff(streams: dict[int, list[dict[str, Any]]], name: str, code_norm: f
 
 def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]]
                           ) -> tuple[Evidence, list[dict[str, Any]], dict[str, np.ndarray], dict[str, Any]]:
-    """Evidence for the rules from a run's records.
+    """Evidence for the rules from a run's records (see `observe_run`).
 
     Returns:
         (evidence, quantizer identities, latest window counts per quantizer, run summary).
@@ -211,14 +244,14 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
         name = str(info["name"])
         sub = df[df["quantizer"] == name] if len(df) else df
         series = _aggregate(sub) if len(sub) else pd.DataFrame(index=pd.Index([], name="step"))
-        steps, wins, W, H = _hist_windows(streams, name)
+        steps, wins, W = _hist_windows(streams, name)
         if wins:
             window_counts[name] = wins[-1]
         if world > 1:
             # rank-local windowed values are replaced by global ones from the summed hist records
             series = series.drop(columns=[c for c in (*WINDOWED, "window_steps") if c in series.columns])
             if steps:
-                wm = S.window_metrics(np.stack(wins))
+                wm = U.window_metrics(np.stack(wins))
                 extra = pd.DataFrame({k: wm[k] for k in WINDOWED}, index=pd.Index(steps, name="step"))
                 extra["window_steps"] = float(W or 0)
                 series = series.join(extra, how="outer") if len(series) else extra
@@ -226,16 +259,12 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
         series = _mask_short_windows(series, K)
         metrics = _latest(series, F)
         if name in window_counts:
-            wm1 = S.window_metrics(window_counts[name][None])
-            metrics.update({k: float(wm1[k][0]) for k in WINDOWED if not math.isnan(float(wm1[k][0]))})
-            if K and metrics.get("window_tokens", math.inf) < S.MIN_HITS_PER_CODE * K:
+            wm1 = U.window_metrics(window_counts[name])
+            metrics.update({k: float(wm1[k]) for k in WINDOWED if not math.isnan(float(wm1[k]))})
+            if not U.enough_tokens(metrics.get("window_tokens", math.inf), K):
                 for k in HIT_BASED:
                     metrics.pop(k, None)
-            levels = info.get("levels")
-            if info.get("kind") == "fsq" and levels:
-                metrics.update(S.fsq_metrics(window_counts[name], tuple(int(x) for x in levels)))
-            elif info.get("kind") == "lfq" and int(info.get("codebook_size") or 0) > 1:
-                metrics.update(S.lfq_metrics(window_counts[name], int(round(math.log2(int(info["codebook_size"]))))))
+            metrics.update(U.implicit_usage(window_counts[name], str(info.get("kind")), K, info.get("levels")))
         if world > 1:
             rd = _rank_diff(streams, name, metrics.get("code_norm_median"))
             if rd is not None:
@@ -269,41 +298,37 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
     return ev, infos, window_counts, summary
 
 
-def build_report(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], paths: list[str],
-                 thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
-    """The ranked report of a run's records (`report_run` without the reading)."""
-    ev, infos, window_counts, summary = evidence_from_records(meta, streams)
-    findings, errors = diagnose(ev, thresholds)
-    for recs in streams.values():
-        for r in recs:
-            if r.get("t") == "event" and r.get("level") == "error":
-                errors.append({"where": "watch", "step": r.get("step"), "message": str(r.get("message", ""))})
-    qreports = []
-    by_name = {q.name: q for q in ev.quantizers}
-    for info in infos:
-        name = str(info["name"])
-        q = by_name[name]
-        hist = S.usage_histogram(window_counts[name]) if name in window_counts else []
-        qreports.append(QuantizerReport(info=dict(info), metrics=dict(q.metrics), histogram=hist,
-                                        notes=list(info.get("notes") or [])))
-    source = {"kind": "run", "paths": list(paths), "torch": meta.get("torch"),
-              "world_size": summary["world_size"], "steps": summary["steps"],
-              "status": meta.get("status")}
-    return Report(source=source, quantizers=qreports, findings=findings, errors=errors,
-                  tool_version=__version__)
-
-
-def report_run(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
-    """Ranked diagnosis of a recorded run, from its run directory alone.
-
-    Works on a run that is still being written and on one whose process was killed.
+def observe_run(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], paths: list[str], *,
+                window: int | None = None) -> Observation:
+    """What a run's records show (the run directory read by `watch.store.load_records`, or a tail).
 
     Args:
-        run_dir: the run directory.
-        thresholds: per-rule threshold overrides, e.g. {"dead-codes": {"warn_fraction": 0.3}}.
-
-    Raises:
-        RunStoreError: the directory is missing, unreadable or holds no run.
+        meta: meta.json.
+        streams: rank -> records of its latest session.
+        paths: what to name as the report's source.
+        window: report the windowed usage over the last `window` steps instead of the recorder's
+            window (the rules still judge the recorded windows).
     """
-    meta, streams = load_records(run_dir)
-    return build_report(meta, streams, [str(run_dir)], thresholds)
+    ev, infos, window_counts, summary = evidence_from_records(meta, streams)
+    errors = [{"where": "watch", "step": r.get("step"), "message": str(r.get("message", ""))}
+              for recs in streams.values() for r in recs
+              if r.get("t") == "event" and r.get("level") == "error"]
+    by_name = {q.name: q for q in ev.quantizers}
+    notes = []
+    reports = []
+    for info in infos:
+        name = str(info["name"])
+        metrics = dict(by_name[name].metrics)
+        if window is not None:
+            windowed, note = window_usage(streams, name, window)
+            metrics.update(windowed)
+            notes += [note] if note else []
+        hist = U.usage_histogram(window_counts[name]) if name in window_counts else []
+        reports.append(QuantizerReport(info=dict(info), metrics=metrics, histogram=hist,
+                                       notes=list(info.get("notes") or [])))
+    source: dict[str, Any] = {"kind": "run", "paths": list(paths), "torch": meta.get("torch"),
+                              "world_size": summary["world_size"], "steps": summary["steps"],
+                              "status": meta.get("status")}
+    if window is not None:
+        source["window"] = {"steps": window, "note": "; ".join(notes)}
+    return Observation(evidence=ev, quantizers=reports, source=source, errors=errors)

@@ -1,0 +1,94 @@
+"""The checkpoint source: read -> discover -> measure, for one checkpoint or several of one run.
+
+Only the quantizers' tensors are read (memory-mapped); with two or more checkpoints also a
+bounded prefix of the encoder and decoder weights, to compare them (`metrics.params`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vqdoctor.checkpoint import open_checkpoint
+from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
+from vqdoctor.metrics.drift import drift_metrics
+from vqdoctor.metrics.params import param_drift
+from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
+from vqdoctor.quantizers import discover
+from vqdoctor.quantizers.base import QuantizerState
+from vqdoctor.report.model import QuantizerReport
+from vqdoctor.rules.base import Evidence, QuantizerEvidence
+from vqdoctor.sources import Observation
+
+
+def evidence_from_states(states: list[QuantizerState], metrics: dict[str, dict[str, float]]) -> Evidence:
+    """Evidence for the rules from discovered quantizers and their measured metrics."""
+    qs = [QuantizerEvidence(name=s.name, kind=s.kind, library=s.library,
+                            codebook_size=s.codebook_size, dim=s.dim, heads=s.heads,
+                            group=s.group, stage=s.stage, metric=s.metric,
+                            metrics=metrics[s.name], notes=list(s.notes)) for s in states]
+    return Evidence(source_kind="checkpoint", quantizers=qs)
+
+
+def observe_checkpoints(
+    paths: Sequence[str | Path],
+    *,
+    probe: str | Path | None = None,
+    quantizers: Sequence[str] | None = None,
+    levels: Sequence[int] | None = None,
+    trust_checkpoint: bool = False,
+) -> Observation:
+    """What one checkpoint, or several taken from one run (oldest first), shows.
+
+    Args:
+        paths: checkpoint files or folders. With several, the last is diagnosed and the earlier
+            ones give drift (codebook movement, dead-code growth, encoder/decoder weights).
+        probe: tensor file of encoder outputs (the quantizer's input), or a dict name -> tensor.
+        quantizers: key prefixes naming the quantizers to use, when discovery is wrong or ambiguous.
+        levels: FSQ levels, for FSQ quantizers (nothing of them is stored).
+        trust_checkpoint: allow full unpickling (runs code from the file; only for files you trust).
+
+    Raises:
+        VQDoctorError: a file cannot be read, holds no quantizer, or the probe fits none.
+    """
+    paths = [str(p) for p in paths]
+    history: list[list[QuantizerState]] = []
+    sources = []
+    for p in paths:
+        src = open_checkpoint(p, trust=trust_checkpoint)
+        sources.append(src)
+        history.append(discover(src, only=quantizers, levels=levels))
+    states = history[-1]
+
+    z_by_name: dict[str, torch.Tensor] = {}
+    if probe is not None:
+        # Raises ProbeError (naming the probe's shape and each quantizer's dim) when nothing fits.
+        z_by_name = probe_inputs(load_probe(str(probe)), states, path=str(probe))
+
+    metrics: dict[str, dict[str, float]] = {}
+    for s in states:
+        m = codebook_metrics(s)
+        if s.name in z_by_name:
+            m.update(probe_metrics(s, z_by_name[s.name], projected=True,
+                                   code_norm_ref=m.get("code_norm_median")))
+        if len(history) > 1:
+            series = [next((x for x in h if x.name == s.name), None) for h in history]
+            m.update(drift_metrics([x for x in series if x is not None]))
+        metrics[s.name] = m
+
+    ev = evidence_from_states(states, metrics)
+    if len(sources) > 1:  # did the encoder and decoder move between the checkpoints?
+        prefixes = {s.name for s in states} | {s.group for s in states if s.group}
+        ev.run.update(param_drift(sources[0], sources[-1], prefixes))
+    reports = [QuantizerReport(info=s.describe(), metrics=metrics[s.name], histogram=usage_histogram(s),
+                               notes=list(s.notes)) for s in states]
+    last = sources[-1]
+    source: dict[str, Any] = {"kind": "checkpoint", "paths": paths, "torch": torch.__version__,
+                              "safe_load": all(x.safe_load for x in sources), "format": last.format,
+                              "container": last.container}
+    if probe is not None:
+        source["probe"] = str(probe)
+    return Observation(evidence=ev, quantizers=reports, source=source)
