@@ -20,6 +20,7 @@ from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.base import QuantizerState
 from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.report.series import checkpoint_series, with_series
 from vqdoctor.rules import Evidence, QuantizerEvidence, diagnose
 
 
@@ -91,10 +92,11 @@ def inspect_checkpoints(
     source = {"kind": "checkpoint", "paths": paths, "torch": torch.__version__,
               "safe_load": all(x.safe_load for x in sources), "format": last.format,
               "container": last.container}
+    series = checkpoint_series(states)  # the charts' data, before the tensors go
     # The rules see numbers only: let the codebook tensors (and their mapped pages) go first.
     del states, history, sources, z_by_name, last
     findings, errors = diagnose(ev, thresholds)
     if probe is not None:
         source["probe"] = str(probe)
-    return Report(source=source, quantizers=quantizer_reports, findings=findings, errors=errors,
-                  tool_version=__version__)
+    return with_series(Report(source=source, quantizers=quantizer_reports, findings=findings,
+                              errors=errors, tool_version=__version__), series)

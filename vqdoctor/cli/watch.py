@@ -85,7 +85,7 @@ def split_command(ctx: typer.Context, positionals: list[str]) -> tuple[list[str]
 
 def render_and_exit_code(report: Report, fmt: ReportFormat, output: Path | None, fail_on: str) -> int:
     """Print the report (stdout or --output), the summary line on stderr; its exit code."""
-    from vqdoctor.report.formats import render
+    from vqdoctor.formats import format as render
 
     out = out_console()
     text = render(report, fmt.value, width=report_width(out) if to_stdout(output) else None,

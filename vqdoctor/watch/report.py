@@ -22,6 +22,7 @@ import pandas as pd
 
 from vqdoctor import __version__
 from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.report.series import run_series, with_series
 from vqdoctor.rules import Evidence, QuantizerEvidence, diagnose
 from vqdoctor.watch import stats as S
 from vqdoctor.watch.store import load_records, records_frame
@@ -289,8 +290,8 @@ def build_report(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]],
     source = {"kind": "run", "paths": list(paths), "torch": meta.get("torch"),
               "world_size": summary["world_size"], "steps": summary["steps"],
               "status": meta.get("status")}
-    return Report(source=source, quantizers=qreports, findings=findings, errors=errors,
-                  tool_version=__version__)
+    return with_series(Report(source=source, quantizers=qreports, findings=findings, errors=errors,
+                              tool_version=__version__), run_series(meta, streams))
 
 
 def report_run(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
