@@ -17,8 +17,8 @@ from vqdoctor.formats.numbers import fmt_num, fmt_pct
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d")
 MARK_COLOR = {"error": "#dc2626", "warning": "#d97706", "info": "#6b7280"}
-W, H = 640, 230
-PAD_L, PAD_R, PAD_T, PAD_B = 58, 14, 30, 34
+W, H = 600, 230
+PAD_L, PAD_R, PAD_T, PAD_B = 58, 14, 40, 34
 
 
 def _attr(v: Any) -> str:
@@ -41,9 +41,12 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten inside [lo, hi]; with 1-2-5 steps when the range spans under 3 decades."""
     a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    mults = (1, 2, 5) if b - a <= 3 else (1,)
     step = max(1, (b - a) // 6)
-    return [10.0 ** e for e in range(a, b + 1, step) if lo <= 10.0 ** e <= hi] or [lo]
+    out = [m * 10.0 ** e for e in range(a, b + 1, step) for m in mults if lo <= m * 10.0 ** e <= hi]
+    return out or [lo, hi]
 
 
 class _Axes:
@@ -94,7 +97,7 @@ def _frame(chart_id: str, title: str, width: int, height: int, body: list[str]) 
             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
             f'aria-label="{_attr(title)}">')
     return "".join([head, f"<title>{escape(title)}</title>",
-                    f'<text class="ct" x="{PAD_L}" y="18">{escape(title)}</text>', *body, "</svg>"])
+                    f'<text class="ct" x="{PAD_L - 50}" y="17">{escape(title)}</text>', *body, "</svg>"])
 
 
 def _grid(ax: _Axes, y_fmt: Any, x_label: str, y_label: str) -> list[str]:
@@ -114,7 +117,7 @@ def _grid(ax: _Axes, y_fmt: Any, x_label: str, y_label: str) -> list[str]:
         out.append(f'<text class="lab" x="{ax.width - PAD_R}" y="{ax.height - 4}" text-anchor="end">'
                    f'{escape(x_label)}</text>')
     if y_label:
-        out.append(f'<text class="lab" x="{PAD_L + 4}" y="{PAD_T - 2}">{escape(y_label)}</text>')
+        out.append(f'<text class="lab" x="{PAD_L - 6}" y="{PAD_T - 8}" text-anchor="end">{escape(y_label)}</text>')
     return out
 
 
@@ -147,16 +150,17 @@ def line_chart(chart_id: str, title: str, lines: Sequence[tuple[str, Sequence[fl
         body.append(f'<g class="mark"><title>{escape(label)} first held at step {fmt_num(x)}</title>'
                     f'<line x1="{px:.1f}" y1="{PAD_T}" x2="{px:.1f}" y2="{height - PAD_B}" '
                     f'stroke="{color}" stroke-dasharray="4 3"/>'
-                    f'<text class="mk" x="{px + 3:.1f}" y="{PAD_T + 10 + 11 * (i % 4)}" fill="{color}">'
+                    f'<text class="mk" x="{px + 3:.1f}" y="{PAD_T + 9 + 11 * (i % 4)}" fill="{color}">'
                     f'{escape(label)}</text></g>')
     for i, (label, lx, ly) in enumerate(lines):
         color = PALETTE[i % len(PALETTE)]
         segs: list[list[str]] = [[]]
         dots = []
         for x, y in zip(lx, ly, strict=False):
-            ok = y is not None and math.isfinite(float(y)) and (float(y) > 0 or not log_y) and \
-                (float(x) > 0 or not log_x)
-            if not ok:
+            if y is None:  # not measured at this step (cadence metrics): the line goes on
+                continue
+            ok = math.isfinite(float(y)) and (float(y) > 0 or not log_y) and (float(x) > 0 or not log_x)
+            if not ok:  # non-finite (or not drawable on a log axis): a gap
                 if segs[-1]:
                     segs.append([])
                 continue
@@ -175,14 +179,12 @@ def line_chart(chart_id: str, title: str, lines: Sequence[tuple[str, Sequence[fl
                 body.append(f'<circle class="pt" cx="{cx}" cy="{cy}" r="2" fill="{color}">'
                             f'<title>{escape(label)} @{fmt_num(x)}: {escape(y_fmt(y))}</title></circle>')
     if len(lines) > 1 or (lines and lines[0][0]):
-        lx0 = PAD_L + 8
         for i, (label, _, _) in enumerate(lines[:8]):
             color = PALETTE[i % len(PALETTE)]
             y = PAD_T + 8 + 13 * i
-            body.append(f'<g class="legend"><rect x="{width - PAD_R - 150}" y="{y - 8}" width="10" '
-                        f'height="3" fill="{color}"/><text class="lg" x="{width - PAD_R - 136}" y="{y - 3}">'
+            body.append(f'<g class="legend"><rect x="{width - PAD_R - 150}" y="{y - 21}" width="10" '
+                        f'height="3" fill="{color}"/><text class="lg" x="{width - PAD_R - 136}" y="{y - 16}">'
                         f'{escape(_short(label, 22))}</text></g>')
-        del lx0
     return _frame(chart_id, title, width, height, body)
 
 

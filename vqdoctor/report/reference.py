@@ -53,6 +53,7 @@ REFERENCES: tuple[dict[str, Any], ...] = (
 
 FAMILY = {"vq-ema": "vq", "vq": "vq", "gumbel": "vq", "simvq": "simvq", "fsq": "fsq", "lfq": "lfq"}
 NEAR = 4.0  # a codebook within a factor 4 of K counts as "that size"
+FAR = 64.0  # beyond this factor a published figure says nothing about this codebook
 MAX_ENTRIES = 3
 
 
@@ -65,7 +66,8 @@ def reference_for(info: dict[str, Any], limit: int = MAX_ENTRIES) -> list[dict[s
     """Published figures for a quantizer of this kind and codebook size, closest size first.
 
     Entries whose K is within a factor `NEAR` of the quantizer's, or the nearest ones when none
-    is that close (with their K, so a reader sees the difference), then family-wide statements.
+    is that close but one is within `FAR` (with their K, so a reader sees the difference), then
+    family-wide statements.
 
     Args:
         info: the quantizer's identity (`kind`, `codebook_size`), as in `QuantizerReport.info`.
@@ -87,7 +89,8 @@ def reference_for(info: dict[str, Any], limit: int = MAX_ENTRIES) -> list[dict[s
 
         sized.sort(key=dist)
         close = [r for r in sized if dist(r) <= math.log(NEAR)]
-        sized = close or [r for r in sized if dist(r) == dist(sized[0])]
+        nearest = [r for r in sized if dist(r) == dist(sized[0]) and dist(r) <= math.log(FAR)]
+        sized = close or nearest
     picked = (sized + general)[:limit]
     return [{key: v for key, v in r.items() if key != "family"} for r in picked]
 
