@@ -172,6 +172,26 @@ class TrainerWatch:
         if self.doctor is not None and loss is not None:
             self.doctor.record_loss(loss)
 
+    def measure_gradients(self, optimizer: Any) -> None:
+        """Measure the gradient norms of this step now (gradients final, the step not taken yet).
+
+        A closure optimizer step (Lightning's automatic optimization) runs the optimizer's
+        pre-step hook, where the Doctor normally measures them, *before* the forward and backward
+        inside the closure; so the trainer's own "before optimizer step" hook measures them
+        instead, once, on the cadence steps, exactly as the pre-step hook would (the pre-step
+        hook then sees them measured and skips).
+        """
+        rec = getattr(self.doctor, "_recorder", None)
+        if rec is None or rec.closed:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer / AcceleratedOptimizer
+        try:
+            if getattr(rec, "grad_step", None) == getattr(rec, "fwd_step", None):
+                rec.grad_step = None  # measured before this step's backward: stale or empty
+            rec._opt_pre(inner, (), {})
+        except Exception as e:
+            self._disable("gradient norms failed", e)
+
     def take(self) -> list[tuple[int, dict[str, float]]]:
         """The logger scalars of the records flushed since the last call: (step, {tag: value})."""
         records, self.pending = self.pending, []

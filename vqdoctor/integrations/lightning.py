@@ -10,10 +10,13 @@ A thin adapter over `vqdoctor.integrations.core.TrainerWatch` (a Doctor), on the
 Lightning's own `SpikeDetection`:
 
 - `on_fit_start`: the watch attaches to the LightningModule (its quantizers are found as in
-  `vqdoctor.watch`), its steps numbered from `trainer.global_step` (so a resumed fit continues);
+  `vqdoctor.watch`), its steps numbered on from a restored checkpoint's step (so a resumed fit
+  continues the numbering);
 - steps are the optimizer steps, counted by the Doctor's own optimizer-step hooks (the same
   clock as `vqdoctor.watch`, so the records match a plain loop's); `on_before_optimizer_step`
-  notes that one is coming; `on_train_batch_end` records the step's loss from `outputs`;
+  measures the gradient norms (Lightning's closure runs forward and backward inside
+  `optimizer.step`, after its pre-step hook); `on_train_batch_end` records the step's loss from
+  `outputs`;
 - at each flush (every `flush_every` steps) `on_train_batch_end` sends the per-quantizer metrics
   `vqdoctor/<quantizer>/<metric>` to every `trainer.loggers` (`log_metrics(..., step=)` at their
   own steps) and puts the latest into `trainer.callback_metrics` (`pl_module.log_dict`, so a
@@ -108,10 +111,14 @@ class VQDoctorCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Attach the watch to the LightningModule."""
         self.core.raise_alerts = self.core.raise_alerts and trainer.is_global_zero
-        self.core.start(pl_module, start_step=int(trainer.global_step))
+        # a resumed fit restores the callbacks before on_fit_start, the loop counters only after it
+        step = max(int(trainer.global_step), int(self._restored.get("step") or 0))
+        self.core.start(pl_module, start_step=step)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        """An optimizer step follows (the Doctor's optimizer hooks count it and measure gradients)."""
+        """Gradients are final: measure their norms (the step itself is counted by the Doctor's
+        optimizer hooks)."""
+        self.core.measure_gradients(optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -171,7 +178,7 @@ class VQDoctorCallback(Callback):
         return self.core.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the alerts already raised (the step comes from `trainer.global_step`)."""
+        """Restore the step to number on from and the alerts already raised."""
         self._restored = dict(state_dict)
         self.core.load_state_dict(state_dict)
 

@@ -11,8 +11,8 @@ A thin adapter over `vqdoctor.integrations.core.TrainerWatch` (a Doctor):
 - `on_train_begin`: the watch attaches to `kwargs["model"]`, steps numbered from
   `state.global_step`; a forward hook on the model keeps the loss its output carries
   (`output.loss` / `output["loss"]`, as the Trainer reads it) as the step's loss, on the device;
-- `on_pre_optimizer_step`: gradients are final (clipped): the Doctor's optimizer hook measures
-  their norms right after, inside `optimizer.step()`;
+- `on_pre_optimizer_step`: gradients are final (clipped): their norms are measured (on the
+  cadence steps, as the Doctor's optimizer hook would);
 - `on_step_end`: at a flush, new alerts become `VQDoctorAlert` warnings and, with `fail_on=`, the
   first one at or above it sets `control.should_training_stop`;
 - `on_log`: the latest per-quantizer metrics `vqdoctor/<quantizer>/<metric>` are merged into
@@ -123,7 +123,10 @@ class VQDoctorCallback(TrainerCallback):
             pass
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Gradients are final here; their norms are measured by the Doctor in `optimizer.step()`."""
+        """Gradients are final (clipped): measure their norms on the cadence steps."""
+        optimizer = kwargs.get("optimizer")
+        if optimizer is not None:
+            self.core.measure_gradients(optimizer)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """At a flush: raise new alerts; stop the training when `fail_on` says so."""
