@@ -192,6 +192,21 @@ class TrainerWatch:
         except Exception as e:
             self._disable("gradient norms failed", e)
 
+    def flush_if_due(self) -> None:
+        """Flush now when the step just ended completes a flush interval.
+
+        The Doctor ends a step lazily, at the next training forward, so without this a flush
+        that completes at step s would reach the trainer's logs one logging call late. Called
+        after the optimizer step (the trainer's "step end"), it moves that same flush earlier:
+        still one device-to-host copy per interval.
+        """
+        doc = self.doctor
+        if doc is None or doc.closed:
+            return
+        every = int(doc.config["flush_every"])
+        if (doc.current_step + 1 - int(doc.config["start_step"])) % every == 0:
+            doc.flush()
+
     def take(self) -> list[tuple[int, dict[str, float]]]:
         """The logger scalars of the records flushed since the last call: (step, {tag: value})."""
         records, self.pending = self.pending, []

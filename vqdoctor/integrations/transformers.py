@@ -13,7 +13,8 @@ A thin adapter over `vqdoctor.integrations.core.TrainerWatch` (a Doctor):
   (`output.loss` / `output["loss"]`, as the Trainer reads it) as the step's loss, on the device;
 - `on_pre_optimizer_step`: gradients are final (clipped): their norms are measured (on the
   cadence steps, as the Doctor's optimizer hook would);
-- `on_step_end`: at a flush, new alerts become `VQDoctorAlert` warnings and, with `fail_on=`, the
+- `on_step_end`: a step that completes a flush interval is flushed now (not at the next
+  forward), so `on_log` of that step has its values; new alerts become `VQDoctorAlert` warnings and, with `fail_on=`, the
   first one at or above it sets `control.should_training_stop`;
 - `on_log`: the latest per-quantizer metrics `vqdoctor/<quantizer>/<metric>` are merged into
   `logs`, so every reporting integration (TensorBoard, W&B, MLflow, the console) gets them. The
@@ -131,7 +132,10 @@ class VQDoctorCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """At a flush: raise new alerts; stop the training when `fail_on` says so."""
         core = self.core
-        if core.doctor is None or not core.pending:
+        if core.doctor is None:
+            return None
+        core.flush_if_due()
+        if not core.pending:
             return None
         try:
             core.take()
