@@ -218,7 +218,7 @@ class WandbExporter:
         self.flushes += 1
         payload["vqdoctor/step"] = step
         if self.own:
-            run.log(payload, step=step)
+            run.log(payload, step=step, commit=True)
         else:
             run.log(payload, commit=False)
 
