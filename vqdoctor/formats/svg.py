@@ -46,6 +46,8 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     mults = (1, 2, 5) if b - a <= 3 else (1,)
     step = max(1, (b - a) // 6)
     out = [m * 10.0 ** e for e in range(a, b + 1, step) for m in mults if lo <= m * 10.0 ** e <= hi]
+    if len(out) < 3:  # under a decade: round linear values, placed on the log scale
+        out = [t for t in _ticks(lo, hi, 4) if t > 0]
     return out or [lo, hi]
 
 
