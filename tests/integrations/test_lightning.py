@@ -114,7 +114,7 @@ def test_fail_on_error_stops_the_training(tmp_path):
 
 
 def test_state_survives_a_checkpoint_and_resume(collapsed, tmp_path):
-    trainer, cb = collapsed["trainer"], collapsed["callback"]
+    trainer = collapsed["trainer"]
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)["callbacks"]["VQDoctorCallback"]

@@ -68,7 +68,7 @@ def collapsed(tmp_path_factory):
 def test_records_match_a_plain_watched_loop(collapsed, tmp_path):
     model = autoencoder(True)
     x = data()
-    with vqdoctor.watch(model, tmp_path / "plain", flush_every=FLUSH) as doctor:
+    with vqdoctor.watch(model, tmp_path / "plain", flush_every=FLUSH):
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         for i in range(0, len(x), BATCH):
             out = model(x[i:i + BATCH])
