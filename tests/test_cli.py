@@ -24,7 +24,7 @@ from vqdoctor.cli import app
 from vqdoctor.cli import demo as demo_cmd
 from vqdoctor.cli import inspect as inspect_cmd
 from vqdoctor.errors import CheckpointError
-from vqdoctor.report.formats import render
+from vqdoctor.formats import format as render
 from vqdoctor.report.model import Report
 from vqdoctor.rules import registry
 from vqdoctor.rules.base import Rule, RuleSpec

@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 
 from vqdoctor.errors import ConfigError
-from vqdoctor.report.formats import FORMATS, Format, render
-from vqdoctor.report.formats.base import (
-    fmt_num,
-    fmt_pct,
-    nesting,
-    sparkline,
-    usage_shares,
-)
+from vqdoctor.formats import FORMATS, Format
+from vqdoctor.formats import format as render
+from vqdoctor.formats.numbers import fmt_num, fmt_pct
+from vqdoctor.formats.parts import nesting, sparkline, usage_shares
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
@@ -336,6 +332,7 @@ def test_markdown_escapes_user_text() -> None:
 def test_every_format_renders_every_sample(key: str) -> None:
     cls = FORMATS[key]
     assert issubclass(cls, Format) and cls.name == key and cls.suffix.startswith(".")
+    assert cls.result == "report"
     for make in SAMPLES.values():
         report = make()
         out = cls(width=80, color=False).render(report)
@@ -356,7 +353,7 @@ def test_unknown_format_is_a_config_error() -> None:
 
 
 def test_formats_do_not_import_torch() -> None:
-    pkg = Path(__file__).parents[1] / "vqdoctor" / "report" / "formats"
+    pkg = Path(__file__).parents[1] / "vqdoctor" / "formats"
     for path in pkg.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)

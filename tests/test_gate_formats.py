@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from test_gate import smoke, trained  # noqa: F401  (fixtures)
 
+from vqdoctor.formats import GATE_FORMATS
+from vqdoctor.formats import format as render
+from vqdoctor.formats.github import MAX_PER_LEVEL, escape_data, escape_property
 from vqdoctor.gate import Check, GateResult, GateThresholds, Status, gate
-from vqdoctor.gate_formats import GATE_FORMATS, render
-from vqdoctor.gate_formats.github import MAX_PER_LEVEL, escape_data, escape_property
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from vqdoctor import __version__
 from vqdoctor.report.model import Report
+from vqdoctor.report.series import with_series
 from vqdoctor.rules import run_rules
 from vqdoctor.sources import Observation
 
@@ -33,8 +34,9 @@ def diagnose(observation: Observation, thresholds: dict[str, dict[str, Any]] | N
         the checks that could not run (`errors`).
     """
     findings, errors = run_rules(observation.evidence, thresholds)
-    return Report(source=observation.source, quantizers=observation.quantizers, findings=findings,
-                  errors=[*observation.errors, *errors], tool_version=__version__)
+    report = Report(source=observation.source, quantizers=observation.quantizers, findings=findings,
+                    errors=[*observation.errors, *errors], tool_version=__version__)
+    return with_series(report, observation.series)
 
 
 def inspect_checkpoints(

@@ -1,7 +1,7 @@
 """Command-line interface (Typer): `vqdoctor demo | inspect | rules`.
 
 A thin layer over the library: commands parse options, call the library, render the report with
-`vqdoctor.report.formats`, and map outcomes to exit codes in one place (`boundary`).
+`vqdoctor.formats`, and map outcomes to exit codes in one place (`boundary`).
 The library never imports this package.
 """
 

@@ -21,7 +21,7 @@ from rich.text import Text
 from vqdoctor.cli.boundary import boundary
 from vqdoctor.cli.output import err_console, out_console, print_block, report_width, use_color
 from vqdoctor.errors import VQDoctorError
-from vqdoctor.report.formats.base import fmt_num
+from vqdoctor.formats.numbers import fmt_num
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -126,7 +126,7 @@ def finding_lines(report: Report, limit: int = 6) -> list[str]:
 
 def _show_watched(out: Console, result: Any, width: int, color: bool) -> None:
     """Run diagnosis first (in full), the checkpoint view briefly, the fixed run briefly."""
-    from vqdoctor.report.formats import render
+    from vqdoctor.formats import format as render
 
     c_run, h_run = result.collapsed_run, result.healthy_run
     print_block(out, Rule("1. the collapsing run, as the live watch recorded it", style="red"),
@@ -156,7 +156,7 @@ def demo(
     run_demo = load_run_demo()
     out, err = out_console(), err_console()
     width, color = report_width(out), use_color(out)
-    from vqdoctor.report.formats import render
+    from vqdoctor.formats import format as render
 
     watched = _accepts(run_demo, "panel")
     with ExitStack() as stack:

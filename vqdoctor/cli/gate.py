@@ -39,13 +39,14 @@ VERDICT = {"pass": "healthy", "fail": "failing", "incomplete": "warning"}
 
 
 class GateFormatChoice(str, Enum):
-    """`--format` values of `vqdoctor gate` (keys of `vqdoctor.gate_formats.GATE_FORMATS`)."""
+    """`--format` values of `vqdoctor gate` (keys of `vqdoctor.formats.GATE_FORMATS`)."""
 
     text = "text"
     json = "json"
     junit = "junit"
     github = "github"
     markdown = "markdown"
+    html = "html"
 
 
 def run_gate(targets: list[Path], thresholds: GateThresholds, **kwargs: Any) -> GateResult:
@@ -170,7 +171,8 @@ def gate(
     Exit 0 when every check passes, 1 when one fails, 2 when the target could not be analysed.
     """
     from vqdoctor.diagnosis import is_run_dir
-    from vqdoctor.gate_formats import GATE_FORMATS, render
+    from vqdoctor.formats import GATE_FORMATS
+    from vqdoctor.formats import format as render
 
     targets, command = split_targets(ctx, list(targets or []))
     try:

@@ -108,7 +108,7 @@ def inspect(
 
     out = out_console()
     terminal = to_stdout(output) and fmt is ReportFormat.text and out.is_terminal
-    from vqdoctor.report.formats import render
+    from vqdoctor.formats import format as render
 
     text = render(report, fmt.value,
                   width=report_width(out) if to_stdout(output) else None,

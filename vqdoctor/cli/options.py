@@ -10,11 +10,12 @@ import typer
 
 
 class ReportFormat(str, Enum):
-    """`--format` values of report commands (each is a key of `vqdoctor.report.formats.FORMATS`)."""
+    """`--format` values of report commands (each is a key of `vqdoctor.formats.FORMATS`)."""
 
     text = "text"
     json = "json"
     markdown = "markdown"
+    html = "html"
 
 
 class FailOn(str, Enum):

@@ -30,6 +30,9 @@ def report(
     threshold: Annotated[list[str] | None, typer.Option(
         "--threshold", metavar="RULE.NAME=VALUE",
         help="Override a rule threshold (repeatable), as in inspect.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", readable=False, metavar="FILE", dir_okay=False,
+        help="Also draw the report's charts into FILE (PNG; needs matplotlib).")] = None,
 ) -> None:
     """Diagnose a recorded run: a ranked list of why the codebook collapses.
 
@@ -44,6 +47,11 @@ def report(
                          hint="did a model holding a quantizer run under the watch?")
     thresholds = thresholds_from(threshold or []) or None
     result = report_run(run_dir, thresholds)
+    if plot is not None:
+        from vqdoctor.cli.output import info
+        from vqdoctor.report.plot import plot_report
+
+        info(f"charts written to {plot_report(result, plot)}")
     code = render_and_exit_code(result, fmt, output, fail_on.value)
     if code != EXIT_OK:
         raise typer.Exit(code)

@@ -85,7 +85,7 @@ def split_command(ctx: typer.Context, positionals: list[str]) -> tuple[list[str]
 
 def render_and_exit_code(report: Report, fmt: ReportFormat, output: Path | None, fail_on: str) -> int:
     """Print the report (stdout or --output), the summary line on stderr; its exit code."""
-    from vqdoctor.report.formats import render
+    from vqdoctor.formats import format as render
 
     out = out_console()
     text = render(report, fmt.value, width=report_width(out) if to_stdout(output) else None,
@@ -131,6 +131,12 @@ def watch(
     threshold: Annotated[list[str] | None, typer.Option(
         "--threshold", metavar="RULE.NAME=VALUE",
         help="Override a rule threshold (repeatable), as in inspect.")] = None,
+    tensorboard: Annotated[Path | None, typer.Option(
+        "--tensorboard", readable=False, metavar="DIR", file_okay=False,
+        help="Also write the metrics to TensorBoard event files in DIR (needs tensorboard).")] = None,
+    wandb: Annotated[bool, typer.Option(
+        "--wandb", help="Also log the metrics to Weights & Biases: the script's run, else a new "
+                        "one in $WANDB_PROJECT (needs wandb).")] = False,
 ) -> None:
     """Run a training command watched (live panel, ranked report), or follow a run directory.
 
@@ -147,7 +153,7 @@ def watch(
         code = watch_command(command, run_dir=run_dir, flush_every=flush_every,
                              stats_every=stats_every, window=window, fmt=fmt, output=output,
                              fail_on=fail_on.value, panel=_panel_mode(no_panel),
-                             thresholds=thresholds)
+                             thresholds=thresholds, tensorboard=tensorboard, wandb=wandb)
     else:
         if not before:
             raise InputError("nothing to watch",
@@ -156,6 +162,8 @@ def watch(
         if len(before) == 1 and first.is_dir():
             if run_dir is not None:
                 raise InputError("--run-dir applies to a command; RUN_DIR is already given")
+            if tensorboard is not None or wandb:
+                raise InputError("--tensorboard and --wandb apply to a command the watch runs")
             code = watch_run_dir(first, fmt=fmt, output=output, fail_on=fail_on.value,
                                  panel=_panel_mode(no_panel), thresholds=thresholds)
         elif len(before) == 1 and not first.exists() and shutil.which(before[0]) is None:
@@ -172,19 +180,21 @@ def watch(
             code = watch_command(before, run_dir=run_dir, flush_every=flush_every,
                                  stats_every=stats_every, window=window, fmt=fmt, output=output,
                                  fail_on=fail_on.value, panel=_panel_mode(no_panel),
-                                 thresholds=thresholds)
+                                 thresholds=thresholds, tensorboard=tensorboard, wandb=wandb)
     if code != EXIT_OK:
         raise typer.Exit(code)
 
 
 def watch_command(command: list[str], *, run_dir: Path | None, flush_every: int, stats_every: int,
                   window: int | None, fmt: ReportFormat, output: Path | None, fail_on: str,
-                  panel: str, thresholds: dict[str, dict[str, Any]] | None) -> int:
+                  panel: str, thresholds: dict[str, dict[str, Any]] | None,
+                  tensorboard: Path | None = None, wandb: bool = False) -> int:
     """Run the command watched, print its report; the exit code (see the module docstring)."""
     from vqdoctor.watch.launcher import run_watched
 
     run = run_watched(command, run_dir, flush_every=flush_every, stats_every=stats_every,
-                      window=window, panel=panel, console=err_console(), thresholds=thresholds)
+                      window=window, panel=panel, console=err_console(), thresholds=thresholds,
+                      tensorboard=tensorboard, wandb=wandb)
     info(f"vqdoctor: run recorded in {run.run_dir}", style="dim")
     if run.exit_code != 0:
         print_warning(f"the command exited with status {run.exit_code}")

@@ -1,5 +1,11 @@
 """Report model and output formats."""
 
-from vqdoctor.report.model import SCHEMA_VERSION, QuantizerReport, Report
+from vqdoctor.report.model import (
+    SCHEMA_VERSION,
+    QuantizerReport,
+    QuantizerSeries,
+    Report,
+    ReportSeries,
+)
 
-__all__ = ["SCHEMA_VERSION", "QuantizerReport", "Report"]
+__all__ = ["SCHEMA_VERSION", "QuantizerReport", "QuantizerSeries", "Report", "ReportSeries"]

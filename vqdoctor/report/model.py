@@ -1,4 +1,10 @@
-"""The report: what every output format renders. JSON contract: SPEC.md, `schema_version` 1."""
+"""The report: what every output format renders. JSON contract: SPEC.md, `schema_version` 1.
+
+Besides the ranked findings a report carries what its charts need (`ReportSeries`: metrics
+over steps, the rank-frequency curve, code-norm histograms, per-head usage) and, per quantizer,
+published reference values; both are collected by `vqdoctor.report.series` and
+`vqdoctor.report.reference` when the report is built, so a format never reads anything.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +26,15 @@ class QuantizerReport:
         histogram: code usage as fractions of K in a few buckets, or counts per code bin, for the
             small usage chart; empty when there are no counts.
         notes: caveats for the user.
+        reference: published figures for this kind of quantizer and codebook size (info, not
+            judgement): dicts with model, codebook_size, utilization / perplexity, source.
     """
 
     info: dict[str, Any]
     metrics: dict[str, Any]
     histogram: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    reference: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -40,7 +49,60 @@ class QuantizerReport:
             out["histogram"] = json_value(self.histogram)
         if self.notes:
             out["notes"] = list(self.notes)
+        if self.reference:
+            out["reference"] = json_value(self.reference)
         return out
+
+
+@dataclass(frozen=True)
+class QuantizerSeries:
+    """What the charts of one quantizer show (JSON-native values only).
+
+    Attributes:
+        steps: the steps of `metrics` (ascending); empty for a single checkpoint.
+        metrics: metric name -> one value per step (None where it was not measured), e.g.
+            perplexity, usage_window, dead_fraction, scale_ratio.
+        rank_frequency: {"rank": [1-based ranks], "share": [share of assignments]} of the codes
+            sorted by use (ranks thinned on a log scale), or {} without counts.
+        code_norms: {"edges": [...], "counts": [...]}: histogram of the code vectors' norms, or {}.
+        head_usage: {"steps": [...], "heads": H, "usage": [[per head] per step]}: share of each
+            head's codes used over the window, or {} for a single head.
+    """
+
+    steps: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float | None]] = field(default_factory=dict)
+    rank_frequency: dict[str, list[float]] = field(default_factory=dict)
+    code_norms: dict[str, list[float]] = field(default_factory=dict)
+    head_usage: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native dict of the non-empty parts."""
+        out: dict[str, Any] = {}
+        if self.steps:
+            out["steps"] = list(self.steps)
+            out["metrics"] = json_value(self.metrics)
+        for key in ("rank_frequency", "code_norms", "head_usage"):
+            if getattr(self, key):
+                out[key] = json_value(getattr(self, key))
+        return out
+
+
+@dataclass(frozen=True)
+class ReportSeries:
+    """The report's chart data: per-quantizer series and the run-wide ones (loss, gradient norms).
+
+    Attributes:
+        quantizers: quantizer name -> its series.
+        run: {"steps": [...], <metric>: [...]} run-wide values over steps, or {}.
+    """
+
+    quantizers: dict[str, QuantizerSeries] = field(default_factory=dict)
+    run: dict[str, list[Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native dict: {"run": ..., "quantizers": {name: ...}}."""
+        return {"run": json_value(self.run),
+                "quantizers": {k: v.to_dict() for k, v in self.quantizers.items()}}
 
 
 @dataclass(frozen=True)
@@ -54,6 +116,7 @@ class Report:
         errors: problems that made the analysis incomplete (e.g. a rule that raised), as
             {"code"/"id"/"where": ..., "message": ...} dicts.
         tool_version: vqdoctor version.
+        series: what the charts show (None for a hand-built report).
     """
 
     source: dict[str, Any]
@@ -61,6 +124,7 @@ class Report:
     findings: list[Finding]
     errors: list[dict[str, Any]] = field(default_factory=list)
     tool_version: str = ""
+    series: ReportSeries | None = None
 
     @property
     def verdict(self) -> str:
@@ -103,8 +167,8 @@ class Report:
         return f"{head} (diagnosis: {d.id})" if d else head
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON report (SPEC.md contract, schema_version 1)."""
-        return {
+        """The JSON report (SPEC.md contract, schema_version 1); `series` only when collected."""
+        out = {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "vqdoctor", "version": self.tool_version},
             "source": json_value(self.source),
@@ -113,3 +177,6 @@ class Report:
             "findings": [f.to_dict() for f in self.findings],
             "errors": json_value(self.errors),
         }
+        if self.series is not None:
+            out["series"] = self.series.to_dict()
+        return out

@@ -25,7 +25,15 @@ import pandas as pd
 
 from vqdoctor.metrics import usage as U
 from vqdoctor.metrics.constants import MIN_HITS_PER_CODE
-from vqdoctor.report.model import QuantizerReport
+from vqdoctor.report.model import QuantizerReport, QuantizerSeries, ReportSeries
+from vqdoctor.report.series import (
+    CHART_METRICS,
+    RUN_METRICS,
+    head_usage_from_counts,
+    rank_frequency,
+    step_table,
+    thin,
+)
 from vqdoctor.rules.base import Evidence, QuantizerEvidence
 from vqdoctor.sources import Observation
 from vqdoctor.watch.store import FP_BLOCKS, records_frame
@@ -331,4 +339,38 @@ def observe_run(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], 
                               "status": meta.get("status")}
     if window is not None:
         source["window"] = {"steps": window, "note": "; ".join(notes)}
-    return Observation(evidence=ev, quantizers=reports, source=source, errors=errors)
+    return Observation(evidence=ev, quantizers=reports, source=source, errors=errors,
+                       series=run_series(infos, streams))
+
+
+def run_series(infos: list[dict[str, Any]], streams: dict[int, list[dict[str, Any]]]) -> ReportSeries:
+    """Chart data of a run: per-quantizer metrics over steps (averaged over ranks), the
+    rank-frequency curve and per-head usage of the usage windows (`hist` records summed over
+    ranks), the code-norm histogram of the end-of-run `codebook` record, and the run-wide loss and
+    gradient norms. Hit-based values of windows too short to mean "dead" are left out."""
+    size = {str(q["name"]): int(q.get("codebook_size") or 0) for q in infos}
+    out: dict[str, QuantizerSeries] = {}
+    for name in size:
+        steps, table = step_table(streams, "step", name, CHART_METRICS)
+        wt = table.pop("window_tokens", None)
+        k = size[name]
+        if wt is not None and k:
+            for key in HIT_BASED:
+                if key in table:
+                    table[key] = [None if w is None or not U.enough_tokens(w, k) else v
+                                  for v, w in zip(table[key], wt, strict=True)]
+        hsteps, wins, _ = _hist_windows(streams, name)
+        heads = int(wins[-1].shape[0]) if wins else 1
+        hu: dict[str, Any] = {}
+        if wins and heads > 1:
+            keep = thin(len(hsteps), 200)
+            hu = {"steps": [hsteps[i] for i in keep], "heads": heads,
+                  "usage": [head_usage_from_counts(wins[i]) for i in keep]}
+        norms = next((r["code_norm_hist"] for recs in streams.values() for r in recs
+                      if r.get("t") == "codebook" and r.get("q") == name
+                      and isinstance(r.get("code_norm_hist"), dict)), {})
+        out[name] = QuantizerSeries(steps=steps, metrics=table, rank_frequency=rank_frequency(wins[-1]) if wins else {},
+                                    code_norms=norms, head_usage=hu)
+    rsteps, rtable = step_table(streams, "run", None, RUN_METRICS)
+    rtable.pop("window_tokens", None)
+    return ReportSeries(quantizers=out, run={"steps": rsteps, **rtable} if rtable else {})

@@ -126,7 +126,8 @@ class Doctor:
                  stats_every: int = 10, window: int | None = None,
                  quantizers: Sequence[Any] | None = None, fsync: bool = False, hist_every: int | None = None,
                  start_step: int = 0, on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
-                 command: list[str] | None = None):
+                 command: list[str] | None = None,
+                 exporters: Sequence[Callable[[list[dict[str, Any]]], None]] | None = None):
         from vqdoctor import __version__
 
         self.model = model
@@ -137,7 +138,7 @@ class Doctor:
                        "window": None if window is None else int(window),
                        "hist_every": int(hist_every or flush_every), "fsync": bool(fsync),
                        "start_step": int(start_step)}
-        self._callbacks = [on_flush] if on_flush is not None else []
+        self._callbacks = ([on_flush] if on_flush is not None else []) + list(exporters or [])
         self.quantizers: list[LiveQuantizer] = []
         self.store = RunStore(self.run_dir, rank=self.rank, fsync=bool(fsync))
         self.store.meta = {
@@ -235,6 +236,9 @@ class Doctor:
             finally:
                 rec.closed = True
                 self.store.close()
+                from vqdoctor.integrations.export import close_exporters  # TensorBoard / W&B
+
+                close_exporters(self._callbacks)
 
     def _codebook_records(self, rec: Any) -> list[dict[str, Any]]:
         """Checkpoint-style metrics of each live codebook at the end of the session."""
@@ -259,7 +263,9 @@ class Doctor:
                         cluster_size=None if n is None else n.detach().float().cpu().clone(),
                         embed_avg=None, optimizer=None, initted=_live_initted(q))
                 m = codebook_metrics(st)
-                out.append({"t": "codebook", "step": rec.step, "q": q.name, **m})
+                from vqdoctor.report.series import code_norm_record  # the report's norm histogram
+
+                out.append({"t": "codebook", "step": rec.step, "q": q.name, **m, **code_norm_record(st.codebook)})
                 d = dict(next((x for x in self.store.meta["quantizers"] if x.get("name") == q.name), {}))
                 if st.initted is not None and d:
                     d["initted"] = st.initted  # the start-of-run value predates k-means
@@ -408,7 +414,9 @@ def watch(model: Any, run_dir: str | os.PathLike[str] | None = None, *, flush_ev
           stats_every: int = 10, window: int | None = None, quantizers: Sequence[Any] | None = None,
           fsync: bool = False, hist_every: int | None = None, start_step: int = 0,
           on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
-          command: list[str] | None = None) -> Doctor:
+          command: list[str] | None = None, tensorboard: str | os.PathLike[str] | None = None,
+          wandb: Any = None, exporters: Sequence[Callable[[list[dict[str, Any]]], None]] | None = None
+          ) -> Doctor:
     """Watch a model while it trains; use the result as a context manager.
 
     Args:
@@ -424,13 +432,25 @@ def watch(model: Any, run_dir: str | os.PathLike[str] | None = None, *, flush_ev
         start_step: number of the first step (e.g. when resuming).
         on_flush: called with the records of each flush.
         command: the command line, for meta.json (the launcher sets it).
+        tensorboard: also write the metrics to TensorBoard event files in this folder
+            (`vqdoctor.integrations.export`; needs the tensorboard package).
+        wandb: also log to Weights & Biases: True (the active run, else a new one), a dict of
+            `WandbExporter` arguments, or a run (needs the wandb package).
+        exporters: further callables given each flush's records (closed at the end when they
+            have a `close()`).
 
     Returns:
         The `Doctor`; hooks are attached on `__enter__` (or `start()`).
+
+    Raises:
+        ConfigError: an exporter's package is not installed.
     """
+    from vqdoctor.integrations.export import build_exporters
+
+    exporters = build_exporters(tensorboard, wandb, exporters, rank=_rank_world()[0])
     return Doctor(model, run_dir, flush_every=flush_every, stats_every=stats_every, window=window,
                   quantizers=quantizers, fsync=fsync, hist_every=hist_every, start_step=start_step,
-                  on_flush=on_flush, command=command)
+                  on_flush=on_flush, command=command, exporters=exporters)
 
 
 def report(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None):

@@ -158,14 +158,32 @@ def prepare_run_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def watch_config(run_dir: Path, command: Sequence[str], *, flush_every: int = 50,
-                 stats_every: int = 10, window: int | None = None) -> dict[str, Any]:
+                 stats_every: int = 10, window: int | None = None,
+                 tensorboard: str | os.PathLike[str] | None = None, wandb: bool = False) -> dict[str, Any]:
     """The configuration handed to the child interpreters (JSON in `VQDOCTOR_WATCH`)."""
     import vqdoctor
 
     return {"run_dir": str(Path(run_dir).resolve()), "flush_every": int(flush_every),
             "stats_every": int(stats_every), "window": None if window is None else int(window),
             "command": list(command), "path": str(Path(vqdoctor.__file__).resolve().parents[1]),
-            "version": vqdoctor.__version__}
+            "version": vqdoctor.__version__,
+            "tensorboard": str(Path(tensorboard).resolve()) if tensorboard else None,
+            "wandb": bool(wandb)}
+
+
+def check_exporters(tensorboard: str | os.PathLike[str] | None, wandb: bool) -> None:
+    """Refuse `--tensorboard` / `--wandb` up front when their package is missing here.
+
+    Raises:
+        InputError: the package is not installed.
+    """
+    import importlib.util
+
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--tensorboard needs the tensorboard package",
+                         hint="pip install 'vqdoctor[tensorboard]'")
+    if wandb and importlib.util.find_spec("wandb") is None:
+        raise InputError("--wandb needs the wandb package", hint="pip install 'vqdoctor[wandb]'")
 
 
 def watch_env(config: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
@@ -317,7 +335,8 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
                 panel: str = "auto", console: Console | None = None,
                 thresholds: dict[str, dict[str, Any]] | None = None,
                 env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
-                every: float = 5.0, poll: float = 0.5) -> WatchedRun:
+                every: float = 5.0, poll: float = 0.5, tensorboard: str | os.PathLike[str] | None = None,
+                wandb: bool = False) -> WatchedRun:
     """Run an unmodified training command with vqdoctor's hooks attached in its Python processes.
 
     Args:
@@ -335,6 +354,8 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
         cwd: the command's working directory (default: ours).
         every: seconds between two plain status lines.
         poll: seconds between two reads of the run directory.
+        tensorboard: also write TensorBoard event files to this folder (from rank 0).
+        wandb: also log to Weights & Biases (the program's active run, else a new one).
 
     Returns:
         The command's exit status, the run directory and the ranked report.
@@ -348,10 +369,12 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
     if not cmd:
         raise InputError("no command to run", hint="vqdoctor watch -- python train.py")
     _check_runnable(cmd[0], env, cwd)  # before anything is created
+    check_exporters(tensorboard, wandb)
     target = Path(run_dir if run_dir is not None else new_run_dir())
     created = not target.exists()
     rd = prepare_run_dir(target)
-    config = watch_config(rd, cmd, flush_every=flush_every, stats_every=stats_every, window=window)
+    config = watch_config(rd, cmd, flush_every=flush_every, stats_every=stats_every, window=window,
+                          tensorboard=tensorboard, wandb=wandb)
     try:
         write_json_atomic(rd / META, _initial_meta(cmd, config))
         proc = subprocess.Popen(cmd, env=watch_env(config, env), cwd=cwd)
@@ -607,12 +630,18 @@ class _Agent:
         self._attach(root, found)
 
     def _attach(self, root: Any, found: list[Any]) -> None:
+        from vqdoctor.errors import ConfigError
         from vqdoctor.watch import watch
 
         c = self.config
-        doctor = watch(root, c["run_dir"], flush_every=int(c.get("flush_every") or 50),
-                       stats_every=int(c.get("stats_every") or 10), window=c.get("window"),
-                       command=c.get("command"))
+        kwargs = {"flush_every": int(c.get("flush_every") or 50), "stats_every": int(c.get("stats_every") or 10),
+                  "window": c.get("window"), "command": c.get("command")}
+        try:
+            doctor = watch(root, c["run_dir"], tensorboard=c.get("tensorboard"), wandb=c.get("wandb") or None,
+                           **kwargs)
+        except ConfigError as e:  # an exporter this interpreter cannot load: watch without it
+            self._warn("export", f"{e}; the run is recorded without that export")
+            doctor = watch(root, c["run_dir"], **kwargs)
         self._disarm()  # the global hooks are no longer needed: the Doctor hooks the quantizers
         doctor.start()
         self.doctor = doctor

@@ -25,7 +25,6 @@ Three displays (`open_display`):
 from __future__ import annotations
 
 import io
-import math
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from vqdoctor.formats.numbers import as_float, fmt_compact
 from vqdoctor.watch.alerts import Alert, by_step, merge
 from vqdoctor.watch.store import StoreTail as RunTail
 
@@ -48,25 +48,6 @@ MAX_QUANTIZERS = 8
 MAX_ALERTS = 6
 
 
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v)
-
-
-def _fmt(v: float | None, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if pct:
-        return f"{100 * v:.0f}%"
-    a = abs(v)
-    if a != 0 and (a >= 1e4 or a < 1e-3):
-        return f"{v:.2e}"
-    return f"{v:.3g}" if a < 100 else f"{v:.0f}"
 
 
 class WatchPanel:
@@ -141,13 +122,13 @@ class WatchPanel:
                 name = str(rec.get("q"))
                 cur = self.latest.setdefault(name, {})
                 for k, v in rec.items():
-                    x = _num(v)
+                    x = as_float(v)
                     if x is not None and k not in ("step",):
                         cur[k] = x
                 cur["step"] = float(step)
                 self.step = step if self.step is None else max(self.step, step)
             elif t == "run" and isinstance(step, int):
-                x = _num(rec.get("loss"))
+                x = as_float(rec.get("loss"))
                 if x is not None:
                     self.loss = x
                 self.step = step if self.step is None else max(self.step, step)
@@ -208,13 +189,13 @@ class WatchPanel:
         """`name: ppl 12.3/512 usage 41% dead 55% scale 1.02`."""
         m = self.latest.get(name, {})
         k = self._codebook_size(name)
-        parts = [f"{name}: ppl {_fmt(m.get('perplexity'))}" + (f"/{k}" if k else "")]
+        parts = [f"{name}: ppl {fmt_compact(m.get('perplexity'))}" + (f"/{k}" if k else "")]
         if "usage_window" in m:
-            parts.append(f"usage {_fmt(m['usage_window'], pct=True)}")
+            parts.append(f"usage {fmt_compact(m['usage_window'], pct=True)}")
         if "dead_fraction" in m:
-            parts.append(f"dead {_fmt(m['dead_fraction'], pct=True)}")
+            parts.append(f"dead {fmt_compact(m['dead_fraction'], pct=True)}")
         if "scale_ratio" in m:
-            parts.append(f"scale {_fmt(m['scale_ratio'])}")
+            parts.append(f"scale {fmt_compact(m['scale_ratio'])}")
         return " ".join(parts)
 
     def status_line(self) -> str:
@@ -227,7 +208,7 @@ class WatchPanel:
             segs.append(f"(+{len(names) - 4} more)")
         line = f"step {self.step if self.step is not None else '-'}  " + "  ".join(segs)
         if self.loss is not None:
-            line += f"  loss {_fmt(self.loss)}"
+            line += f"  loss {fmt_compact(self.loss)}"
         return line
 
     def renderable(self, title: str | None = None) -> Group:
@@ -238,7 +219,7 @@ class WatchPanel:
             head.append(f"  {title}", style="dim")
         head.append(f"  step {self.step if self.step is not None else '-'}")
         if self.loss is not None:
-            head.append(f"  loss {_fmt(self.loss)}")
+            head.append(f"  loss {fmt_compact(self.loss)}")
         if self.world_size > 1:
             head.append(f"  ranks {self.world_size} (values of rank {min(self.tail.streams or [0])})",
                         style="dim")
@@ -254,9 +235,9 @@ class WatchPanel:
             for name in names[:MAX_QUANTIZERS]:
                 m = self.latest[name]
                 k = self._codebook_size(name)
-                table.add_row(name, _fmt(m.get("perplexity")) + (f" / {k}" if k else ""),
-                              _fmt(m.get("usage_window"), pct=True),
-                              _fmt(m.get("dead_fraction"), pct=True), _fmt(m.get("scale_ratio")))
+                table.add_row(name, fmt_compact(m.get("perplexity")) + (f" / {k}" if k else ""),
+                              fmt_compact(m.get("usage_window"), pct=True),
+                              fmt_compact(m.get("dead_fraction"), pct=True), fmt_compact(m.get("scale_ratio")))
             if len(names) > MAX_QUANTIZERS:
                 table.add_row(f"(+{len(names) - MAX_QUANTIZERS} more)", "", "", "", "")
             parts.append(table)

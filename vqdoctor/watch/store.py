@@ -48,7 +48,9 @@ at a step is absent, never null. Records, in the order they appear:
   world size > 1, at each flush: the codebook rows `rows` (flattened, heads first) followed by
   16 sums over fixed contiguous blocks of the codebook, for comparing codebooks across ranks.
 - `{"t": "codebook", "step": s, "q": name, <CODEBOOK metric>: value, ...}` -- at the end of the
-  session: checkpoint-style metrics of the live codebook (`metrics.codebook.codebook_metrics`).
+  session: checkpoint-style metrics of the live codebook (`metrics.codebook.codebook_metrics`),
+  and `code_norm_hist` ({"edges": [...], "counts": [...]}: the code-vector norms, for the report's
+  histogram).
 - `{"t": "event", "step": s, "level": "info" | "warning" | "error", "message": str, "q": name?}`
   -- something the user should know (a probe that raised and was disabled, ...).
 - `{"t": "end", "step": s, "status": "finished" | "failed"}` -- the session closed.

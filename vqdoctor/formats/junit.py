@@ -19,9 +19,10 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
+from vqdoctor.formats.base import Format
+from vqdoctor.formats.gate_parts import finding_line, measured, target_line, threshold
+from vqdoctor.formats.numbers import one_line
 from vqdoctor.gate import Check, GateResult, Status
-from vqdoctor.gate_formats.base import GateFormat, finding_line, measured, target_line, threshold
-from vqdoctor.report.formats.base import one_line
 
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -52,11 +53,12 @@ def failure_message(c: Check) -> str:
     return msg
 
 
-class JunitFormat(GateFormat):
+class JunitFormat(Format):
     """Gate result as JUnit XML (one testsuite for the target)."""
 
     name = "junit"
     suffix = ".xml"
+    result = "gate"
 
     def render(self, result: GateResult) -> str:
         """Render `result` as a `<testsuites>` document."""

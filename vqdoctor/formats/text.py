@@ -1,9 +1,15 @@
-"""Text format: ruff-like, for a terminal; readable in 80 columns, colour only when asked.
+"""Text formats: ruff-like, for a terminal and CI logs; readable in 80 columns, colour only when asked.
 
-Layout: a header line (source, format, safe load), one compact block per quantizer (identity,
-key metrics, usage sparkline), the ranked findings with symptoms nested under their cause,
-errors, and the verdict line. Lines are wrapped here, with hanging indents, so that every line
-fits `width` whatever the terminal; with `color=False` the output is plain and deterministic.
+Report (`TextFormat`): a header line (source, format, safe load), one compact block per
+quantizer (identity, key metrics, usage sparkline, published reference values), the ranked
+findings with symptoms nested under their cause, errors, and the verdict line.
+
+Gate result (`TextGateFormat`): a header (what was gated), one block per quantizer with a line
+per check (status, check, measured vs threshold, then the metric and its source), the run-wide
+checks, the diagnosis with its fix, notes, and the summary line.
+
+Lines are wrapped here, with hanging indents, so that every line fits `width` whatever the
+terminal; with `color=False` the output is plain and deterministic.
 """
 
 from __future__ import annotations
@@ -14,22 +20,24 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
-from vqdoctor.report.formats.base import (
+from vqdoctor.formats.base import Format
+from vqdoctor.formats.gate_parts import STATUS_LABEL, finding_line, target_line
+from vqdoctor.formats.numbers import fmt_evidence, one_line
+from vqdoctor.formats.parts import (
     PROBE_HINT,
-    Format,
     display_name,
     error_label,
-    fmt_evidence,
     histogram_summary,
     identity,
     location,
     metric_items,
     nesting,
-    one_line,
+    reference_line,
     source_parts,
     verdict_line,
     wants_probe_hint,
 )
+from vqdoctor.gate import Check, GateResult, Status
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
@@ -98,6 +106,7 @@ class TextFormat(Format):
 
     name = "text"
     suffix = ".txt"
+    result = "report"
 
     def render(self, report: Report) -> str:
         """Render `report` as terminal text; see the module docstring for the layout."""
@@ -142,6 +151,9 @@ class TextFormat(Format):
             usage.append("  ")
         usage.append(caption, style="" if spark else "dim")
         out += wrap(usage, self.width, indent=2, hang=8)
+        ref = reference_line(q)
+        if ref:
+            out += wrap(Text("reference: " + ref, style="dim"), self.width, indent=2, hang=11)
         for note in q.notes:
             out += wrap(Text("note: " + one_line(note), style="dim"), self.width, indent=2, hang=6)
         return out
@@ -202,3 +214,67 @@ def join_lines(lines: list[Text], width: int, color: bool) -> str:
     for line in lines:
         console.print(line, soft_wrap=True)
     return buf.getvalue()
+
+
+# ============================================================================ gate result
+
+STATUS_STYLE = {Status.PASS: "green", Status.FAIL: "bold red", Status.SKIP: "dim"}
+OUTCOME_STYLE = {"pass": "bold green", "fail": "bold red", "incomplete": "bold yellow"}
+NAME_WIDTH = 18  # "max_dead_fraction" + 1
+
+
+class TextGateFormat(Format):
+    """Human-readable gate result (rich styles; plain when `color` is off)."""
+
+    name = "text"
+    suffix = ".txt"
+    result = "gate"
+
+    def render(self, result: GateResult) -> str:
+        """Render `result` as terminal text; see the module docstring for the layout."""
+        head = [Text("vqdoctor gate", style="bold")] + [Text(p) for p in
+                                                        target_line(result).split(" · ")]
+        lines = pack(head, self.width, hang=4)
+        infos = {q.name: q for q in result.report.quantizers}
+        subject: str | None = "\0"
+        for c in result.checks:
+            if c.quantizer != subject:
+                subject = c.quantizer
+                lines.append(Text())
+                title = [Text(c.subject, style="bold cyan")]
+                q = infos.get(c.quantizer) if c.quantizer is not None else None
+                if q is not None:
+                    title += [Text(str(p)) for p in (q.info.get("kind"), q.info.get("library"),
+                                                     identity(q)) if p]
+                lines += pack(title, self.width, sep="  ", hang=4)
+            lines += self._check(c)
+        d = result.diagnosis
+        if d is not None:
+            lines.append(Text())
+            head = Text("diagnosis: ", style="bold")
+            head.append(finding_line(d), style=SEVERITY_STYLE.get(d.severity, ""))
+            lines += wrap(head, self.width, hang=4)
+            if d.fix:
+                lines += wrap(Text("= fix: " + one_line(d.fix), style="green"), self.width,
+                              indent=4, hang=7)
+        if result.problems or result.notes:
+            lines.append(Text())
+        for p in result.problems:
+            lines += wrap(Text("could not analyse: " + p, style="yellow"), self.width, hang=4)
+        for n in result.notes:
+            lines += wrap(Text("note: " + n, style="dim"), self.width, hang=6)
+        lines.append(Text())
+        lines += wrap(Text(result.summary_line(), style=OUTCOME_STYLE[result.outcome]),
+                      self.width, hang=4)
+        return join_lines(lines, self.width, self.color)
+
+    def _check(self, c: Check) -> list[Text]:
+        line = Text("  ")
+        line.append(f"{STATUS_LABEL[c.status]:<5}", style=STATUS_STYLE[c.status])
+        line.append(f"{c.name:<{NAME_WIDTH}}", style="bold" if c.status is Status.FAIL else "")
+        line.append(one_line(c.message))
+        indent = 2 + 5 + NAME_WIDTH
+        out = wrap(line, self.width, hang=indent)
+        if c.detail:
+            out += wrap(Text(c.detail, style="dim"), self.width, indent=indent, hang=2)
+        return out

@@ -1,26 +1,34 @@
-"""Markdown format: for pull-request comments and notebooks.
+"""Markdown formats: for pull-request comments, `$GITHUB_STEP_SUMMARY` and notebooks.
 
-A title with the verdict, the source, a quantizer table, the ranked findings as a numbered list
-with evidence and fix, and errors. Renders on GitHub and in Jupyter.
+Report (`MarkdownFormat`): a title with the verdict, the source, a quantizer table (with the
+published reference values), the ranked findings as a numbered list with evidence and fix, and
+errors. Gate result (`MarkdownGateFormat`): the verdict as a title, the target, a table of every
+check, and the top findings with their fixes. Both render on GitHub and in Jupyter.
 """
 
 from __future__ import annotations
 
-from vqdoctor.report.formats.base import (
+from vqdoctor.formats.base import Format
+from vqdoctor.formats.gate_parts import (
+    OUTCOME_TITLE,
+    measured,
+    target_line,
+    threshold,
+    top_findings,
+)
+from vqdoctor.formats.numbers import fmt_num, fmt_pct, fmt_value, one_line
+from vqdoctor.formats.parts import (
     PROBE_HINT,
-    Format,
     display_name,
     error_label,
-    fmt_num,
-    fmt_pct,
-    fmt_value,
     histogram_summary,
     location,
-    one_line,
+    reference_line,
     source_parts,
     verdict_line,
     wants_probe_hint,
 )
+from vqdoctor.gate import GateResult, Status
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
@@ -53,6 +61,7 @@ class MarkdownFormat(Format):
 
     name = "markdown"
     suffix = ".md"
+    result = "report"
 
     def render(self, report: Report) -> str:
         """Render `report` as markdown (title, quantizer table, numbered findings, errors)."""
@@ -98,6 +107,8 @@ class MarkdownFormat(Format):
                      _metric(q, "scale_ratio"), usage]
             rows.append("| " + " | ".join(cells) + " |")
         notes = [(display_name(q.name), n) for q in quantizers for n in q.notes]
+        notes += [(display_name(q.name), "reference: " + reference_line(q)) for q in quantizers
+                  if q.reference]
         rows.append("")
         if notes:
             rows += [f"- {code(name)}: {md(n)}" for name, n in notes]
@@ -116,3 +127,49 @@ class MarkdownFormat(Format):
         if f.fix:
             out.append(f"   - fix: {md(f.fix)}")
         return out
+
+
+# ============================================================================ gate result
+
+ICON = {Status.PASS: "✅ pass", Status.FAIL: "❌ fail", Status.SKIP: "⏭️ skip"}
+OUTCOME_ICON = {"pass": "✅", "fail": "❌", "incomplete": "⚠️"}
+
+
+class MarkdownGateFormat(Format):
+    """Gate result as GitHub-flavoured markdown."""
+
+    name = "markdown"
+    suffix = ".md"
+    result = "gate"
+
+    def render(self, result: GateResult) -> str:
+        """Render `result`: title, target, checks table, top findings, notes."""
+        out = [f"## {OUTCOME_ICON[result.outcome]} vqdoctor gate {OUTCOME_TITLE[result.outcome]}",
+               "", f"**{md(result.summary_line())}**", "",
+               f"Target: {md(target_line(result))}", ""]
+        out += ["| status | quantizer | check | measured | threshold | detail |",
+                "|---|---|---|--:|--:|---|"]
+        for c in result.checks:
+            detail = md(c.message) + (f" · {code(c.metric)}, {md(c.source)}" if c.source else "")
+            out.append(f"| {ICON[c.status]} | {code(c.subject)} | {c.name} | "
+                       f"{md(measured(c)) if c.status is not Status.SKIP else '–'} | "
+                       f"{md(threshold(c))} | {detail} |")
+        out.append("")
+        findings = top_findings(result)
+        if findings:
+            out += ["### Top findings (most likely root cause first)", ""]
+            for i, f in enumerate(findings, 1):
+                out.append(f"{i}. **{f.code} {code(f.id)}** — {f.severity} — "
+                           f"{code(location(f))}: {md(f.message)}")
+                if f.caused_by:
+                    out.append(f"   - caused by: {code(f.caused_by)}")
+                if f.fix:
+                    out.append(f"   - fix: {md(f.fix)}")
+            out.append("")
+        for p in result.problems:
+            out.append(f"- could not analyse: {md(p)}")
+        for n in result.notes:
+            out.append(f"- note: {md(n)}")
+        while out and out[-1] == "":
+            out.pop()
+        return "\n".join(out) + "\n"

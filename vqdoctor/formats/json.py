@@ -1,4 +1,4 @@
-"""JSON format: exactly `Report.to_dict()` (SPEC.md, schema_version 1), indented."""
+"""JSON formats: exactly `Report.to_dict()` / `GateResult.to_dict()` (schema_version 1), indented."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 import math
 from typing import Any
 
-from vqdoctor.report.formats.base import Format
+from vqdoctor.formats.base import Format
+from vqdoctor.gate import GateResult
 from vqdoctor.report.model import Report
+from vqdoctor.rules.base import json_value
 
 
 def _finite(v: Any) -> Any:
@@ -26,8 +28,22 @@ class JsonFormat(Format):
 
     name = "json"
     suffix = ".json"
+    result = "report"
 
     def render(self, report: Report) -> str:
         """Render `report.to_dict()`; NaN and infinities are emitted as null, never as NaN."""
         return json.dumps(_finite(report.to_dict()), indent=2, ensure_ascii=False,
+                          allow_nan=False) + "\n"
+
+
+class JsonGateFormat(Format):
+    """Machine-readable gate result (the report under `report`); NaN and infinities are null."""
+
+    name = "json"
+    suffix = ".json"
+    result = "gate"
+
+    def render(self, result: GateResult) -> str:
+        """Render `result.to_dict()`, indented."""
+        return json.dumps(json_value(result.to_dict()), indent=2, ensure_ascii=False,
                           allow_nan=False) + "\n"

@@ -1,48 +1,16 @@
-"""The one interface every gate format implements, and the pieces they share.
-
-A gate format turns a `GateResult` into text and nothing else: it never reads or writes files
-(the CLI appends the GitHub step summary), never prints and never imports torch.
+"""Pieces of a gate result that several gate formats share: measured values and thresholds for
+people, the one-line finding, the target line, the findings that did not gate.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import ClassVar
-
+from vqdoctor.formats.numbers import fmt_num, fmt_pct, one_line
 from vqdoctor.gate import Check, GateResult, Status
-from vqdoctor.report.formats.base import DEFAULT_WIDTH, fmt_num, fmt_pct, one_line
 from vqdoctor.rules.base import Finding, Severity
 
 FRACTION_CHECKS = ("min_usage", "max_dead_fraction")
 STATUS_LABEL = {Status.PASS: "pass", Status.FAIL: "FAIL", Status.SKIP: "skip"}
 OUTCOME_TITLE = {"pass": "passed", "fail": "failed", "incomplete": "could not analyse"}
-
-
-class GateFormat(ABC):
-    """A gate result format: `render(result) -> str`.
-
-    Args:
-        width: target line width in columns (laid-out formats honour it; default 80).
-        color: emit terminal colours (only formats meant for a terminal use it; default off).
-    """
-
-    name: ClassVar[str]
-    """Registry key and `--format` value, e.g. "junit"."""
-    suffix: ClassVar[str]
-    """File name suffix for this format, e.g. ".xml"."""
-
-    def __init__(self, *, width: int | None = None, color: bool | None = None) -> None:
-        self.width = int(width) if width else DEFAULT_WIDTH
-        self.color = bool(color)
-
-    @abstractmethod
-    def render(self, result: GateResult) -> str:
-        """Render `result`; the result ends with exactly one newline."""
-
-    def render_error(self, message: str) -> str | None:
-        """A document saying the gate could not analyse (`message`), for formats a CI system
-        reads (JUnit, GitHub); None for formats meant for people (the error goes to stderr)."""
-        return None
 
 
 def measured(c: Check) -> str:

@@ -1,121 +1,18 @@
-"""The one interface every report format implements, and helpers they share.
+"""Pieces of a report that several formats share: the header, a quantizer's identity and key
+metrics, the usage sparkline, the nesting of findings under their cause, the closing line.
 
-A format turns a `Report` into text and nothing else: it never reads files, never prints and
-never imports torch (data flows one way: ... -> rules -> report -> format).
+Pure functions of the `Report`; numbers go through `vqdoctor.formats.numbers`.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
+from vqdoctor.formats.numbers import fmt_num, fmt_pct, is_number
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
-
-DEFAULT_WIDTH = 80
-
-
-class Format(ABC):
-    """A report format: `render(report) -> str`.
-
-    Args:
-        width: target line width in columns (formats that lay out text honour it; default 80).
-        color: emit terminal colours (only formats meant for a terminal use it; default off).
-    """
-
-    name: ClassVar[str]
-    """Registry key and `--format` value, e.g. "text"."""
-    suffix: ClassVar[str]
-    """File name suffix for this format, e.g. ".txt"."""
-
-    def __init__(self, *, width: int | None = None, color: bool | None = None) -> None:
-        self.width = int(width) if width else DEFAULT_WIDTH
-        self.color = bool(color)
-
-    @abstractmethod
-    def render(self, report: Report) -> str:
-        """Render `report`; the result ends with exactly one newline."""
-
-
-# --- numbers -------------------------------------------------------------------------------
-
-
-def is_number(v: Any) -> bool:
-    """True for int/float values (bool excluded)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def fmt_num(v: Any) -> str:
-    """A number for people: 3 significant digits, exponents for floats outside [1e-3, 1e4).
-
-    `None` and NaN read "n/a"; integers stay integers; booleans read "yes"/"no".
-    """
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if not is_number(v):
-        return str(v)
-    x = float(v)
-    if math.isnan(x):
-        return "n/a"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    ax = abs(x)
-    if isinstance(v, int):
-        return str(v) if ax < 1e9 else f"{x:.3g}"
-    if x.is_integer() and ax < 1e4:
-        return str(int(x))
-    if ax >= 1e4 or ax < 1e-3:  # a float this large or small is a magnitude: 2 digits
-        return f"{x:.2g}"
-    if ax >= 100:
-        return f"{x:.0f}"
-    return f"{x:.3g}"
-
-
-def fmt_pct(v: Any) -> str:
-    """A fraction in [0, 1] as a percentage that never rounds a small non-zero share to 0%."""
-    if not is_number(v) or math.isnan(float(v)):
-        return "n/a"
-    p = float(v) * 100
-    if p == 0:
-        return "0%"
-    if 0 < p < 0.1:
-        return "<0.1%"
-    if 99.9 < p < 100:
-        return ">99.9%"
-    if p == 100:
-        return "100%"
-    if p < 10:
-        return f"{p:.1f}".rstrip("0").rstrip(".") + "%"
-    whole = f"{p:.0f}"
-    return (f"{p:.1f}" if whole == "100" else whole) + "%"
-
-
-def fmt_value(v: Any, *, max_items: int = 4) -> str:
-    """An evidence value: numbers via `fmt_num`, short lists, nested dicts as k=v."""
-    if isinstance(v, dict):
-        inner = ", ".join(f"{k}={fmt_value(x, max_items=max_items)}" for k, x in v.items())
-        return "{" + inner + "}"
-    if isinstance(v, (list, tuple)):
-        items = [fmt_value(x, max_items=max_items) for x in v[:max_items]]
-        if len(v) > max_items:
-            items.append(f"... ({len(v)} items)")
-        return "[" + ", ".join(items) + "]"
-    return fmt_num(v)
-
-
-def fmt_evidence(evidence: dict[str, Any]) -> str:
-    """`k=v, k=v` for a finding's evidence."""
-    return ", ".join(f"{k}={fmt_value(v)}" for k, v in evidence.items())
-
-
-def one_line(text: str) -> str:
-    """Collapse all whitespace (newlines included) to single spaces."""
-    return " ".join(str(text).split())
-
 
 # --- report pieces ---------------------------------------------------------------------------
 
@@ -317,3 +214,21 @@ def verdict_line(report: Report) -> str:
             text += f" ({infos} note{'s' * (infos != 1)})"
         return text
     return report.summary_line()
+
+
+# --- published reference values --------------------------------------------------------------
+
+
+def reference_item(r: dict[str, Any]) -> str:
+    """`VQGAN K=65536: 1.4% of codes used (source)` for one published figure."""
+    k = r.get("codebook_size")
+    size = f" K={k}" if k else ""
+    used = fmt_pct(r.get("utilization"))
+    qual = {"<": "under ", "~": "about "}.get(str(r.get("qualifier", "")), "")
+    note = f" {r['note']}" if r.get("note") else ""
+    return f"{r.get('model', '?')}{size}: {qual}{used} of codes used{note} ({r.get('source', '')})"
+
+
+def reference_line(q: QuantizerReport) -> str:
+    """The published figures carried by a quantizer, joined; "" when it carries none."""
+    return "; ".join(reference_item(r) for r in q.reference)

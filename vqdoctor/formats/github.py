@@ -17,9 +17,10 @@ it.
 
 from __future__ import annotations
 
+from vqdoctor.formats.base import Format
+from vqdoctor.formats.gate_parts import finding_line, gate_warnings
+from vqdoctor.formats.numbers import one_line
 from vqdoctor.gate import Check, GateResult
-from vqdoctor.gate_formats.base import GateFormat, finding_line, gate_warnings
-from vqdoctor.report.formats.base import one_line
 from vqdoctor.rules.base import Finding
 
 MAX_PER_LEVEL = 10
@@ -68,11 +69,12 @@ def capped(level: str, items: list[tuple[str, str]], what: str) -> list[str]:
     return [command(level, t, m) for t, m in items]
 
 
-class GithubFormat(GateFormat):
+class GithubFormat(Format):
     """Gate result as GitHub Actions workflow commands, then the summary line."""
 
     name = "github"
     suffix = ".txt"
+    result = "gate"
 
     def render(self, result: GateResult) -> str:
         """Render `result` as `::error` / `::warning` / `::notice` lines and the summary line."""

@@ -1,0 +1,6 @@
+"""Integration tests import their tiny models from `models.py` beside them."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
