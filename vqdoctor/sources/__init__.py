@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vqdoctor.report.model import QuantizerReport
+from vqdoctor.report.model import QuantizerReport, ReportSeries
 from vqdoctor.rules.base import Evidence
 
 
@@ -27,12 +27,14 @@ class Observation:
         quantizers: the quantizers as the report lists them (their metrics are the evidence's).
         source: the report's `source` block (kind, paths, torch, ...).
         errors: checks that could not run before the rules (e.g. the watch's own errors).
+        series: what the report's charts draw (`report.series`), None when not collected.
     """
 
     evidence: Evidence
     quantizers: list[QuantizerReport]
     source: dict[str, Any]
     errors: list[dict[str, Any]] = field(default_factory=list)
+    series: ReportSeries | None = None
 
 
 __all__ = ["Observation"]

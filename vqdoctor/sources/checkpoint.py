@@ -19,7 +19,8 @@ from vqdoctor.metrics.params import param_drift
 from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.base import QuantizerState
-from vqdoctor.report.model import QuantizerReport
+from vqdoctor.report.model import QuantizerReport, QuantizerSeries, ReportSeries
+from vqdoctor.report.series import head_usage_from_counts, norm_histogram, rank_frequency
 from vqdoctor.rules.base import Evidence, QuantizerEvidence
 from vqdoctor.sources import Observation
 
@@ -91,4 +92,28 @@ def observe_checkpoints(
                               "container": last.container}
     if probe is not None:
         source["probe"] = str(probe)
-    return Observation(evidence=ev, quantizers=reports, source=source)
+    return Observation(evidence=ev, quantizers=reports, source=source, series=checkpoint_series(states))
+
+
+def checkpoint_series(states: list[QuantizerState]) -> ReportSeries:
+    """Chart data of checkpoint quantizers: rank-frequency and per-head usage from the stored
+    counts, the code-norm histogram from the codebook."""
+    out: dict[str, QuantizerSeries] = {}
+    for s in states:
+        rf: dict[str, Any] = {}
+        hu: dict[str, Any] = {}
+        norms: dict[str, Any] = {}
+        try:
+            with torch.no_grad():
+                if s.cluster_size is not None:
+                    c = s.cluster_size.detach().float().cpu()
+                    c = c.reshape(-1, c.shape[-1]).numpy()
+                    rf = rank_frequency(c)
+                    if c.shape[0] > 1:
+                        hu = {"steps": [0], "heads": int(c.shape[0]), "usage": [head_usage_from_counts(c)]}
+                if s.codebook is not None:
+                    norms = norm_histogram(torch.linalg.vector_norm(s.codebook.detach().float(), dim=-1).numpy())
+        except Exception:  # charts are extras: a quantizer they cannot read is drawn without them
+            pass
+        out[s.name] = QuantizerSeries(rank_frequency=rf, code_norms=norms, head_usage=hu)
+    return ReportSeries(quantizers=out)
