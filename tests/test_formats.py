@@ -16,8 +16,8 @@ import pytest
 from vqdoctor.errors import ConfigError
 from vqdoctor.formats import FORMATS, Format
 from vqdoctor.formats import format as render
-from vqdoctor.formats.numbers import fmt_num, fmt_pct
 from vqdoctor.formats.parts import nesting, sparkline, usage_shares
+from vqdoctor.numbers import fmt_num, fmt_pct
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 

@@ -50,6 +50,8 @@ from vqdoctor.config import (
 )
 from vqdoctor.errors import InputError
 from vqdoctor.metrics.usage import reachable_codes
+from vqdoctor.numbers import fmt_exact as _fmt
+from vqdoctor.numbers import fmt_share as _pct
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding, Severity, json_value
 
@@ -247,23 +249,6 @@ def _num(m: Mapping[str, Any], key: str | None) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v)
-
-
-def _fmt(x: float) -> str:
-    if not math.isfinite(x):
-        return str(x)
-    if x == int(x) and abs(x) < 1e6:
-        return str(int(x))
-    return f"{x:.3g}"
-
-
-def _pct(x: float) -> str:
-    if not math.isfinite(x):
-        return str(x)
-    p = x * 100
-    if p == int(p):
-        return f"{int(p)}%"
-    return f"{p:.3g}%" if p >= 0.1 else f"{p:.2g}%"
 
 
 def _measure(check: str, q: QuantizerReport, src: _Source, th: GateThresholds,

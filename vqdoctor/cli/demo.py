@@ -21,7 +21,7 @@ from rich.text import Text
 from vqdoctor.cli.boundary import boundary
 from vqdoctor.cli.output import err_console, out_console, print_block, report_width, use_color
 from vqdoctor.errors import VQDoctorError
-from vqdoctor.formats.numbers import fmt_num
+from vqdoctor.numbers import fmt_num
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

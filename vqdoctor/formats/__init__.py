@@ -7,7 +7,7 @@
 `format` dispatches on the type of the result; each format is one small class (a
 `vqdoctor.formats.base.Format`) registered under its `--format` name for the kind of result it
 renders. Reports: text, json, markdown, html. Gate results: text, json, junit, github, markdown,
-html. Numbers are formatted by `vqdoctor.formats.numbers` everywhere (reports, gate, panel).
+html. Numbers are formatted by `vqdoctor.numbers` everywhere (reports, gate, panel).
 No format reads files, prints or imports torch.
 """
 

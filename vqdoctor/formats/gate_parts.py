@@ -4,8 +4,8 @@ people, the one-line finding, the target line, the findings that did not gate.
 
 from __future__ import annotations
 
-from vqdoctor.formats.numbers import fmt_num, fmt_pct, one_line
 from vqdoctor.gate import Check, GateResult, Status
+from vqdoctor.numbers import fmt_num, fmt_pct, one_line
 from vqdoctor.rules.base import Finding, Severity
 
 FRACTION_CHECKS = ("min_usage", "max_dead_fraction")

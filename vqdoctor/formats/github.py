@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from vqdoctor.formats.base import Format
 from vqdoctor.formats.gate_parts import finding_line, gate_warnings
-from vqdoctor.formats.numbers import one_line
 from vqdoctor.gate import Check, GateResult
+from vqdoctor.numbers import one_line
 from vqdoctor.rules.base import Finding
 
 MAX_PER_LEVEL = 10

@@ -18,7 +18,6 @@ from typing import Any
 from vqdoctor.formats import svg
 from vqdoctor.formats.base import Format
 from vqdoctor.formats.gate_parts import OUTCOME_TITLE, measured, target_line, threshold
-from vqdoctor.formats.numbers import fmt_num, fmt_pct, fmt_value, is_number, one_line
 from vqdoctor.formats.parts import (
     PROBE_HINT,
     display_name,
@@ -33,6 +32,7 @@ from vqdoctor.formats.parts import (
     wants_probe_hint,
 )
 from vqdoctor.gate import GateResult, Status
+from vqdoctor.numbers import fmt_num, fmt_pct, fmt_value, is_number, one_line
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 

@@ -21,8 +21,8 @@ import xml.etree.ElementTree as ET
 
 from vqdoctor.formats.base import Format
 from vqdoctor.formats.gate_parts import finding_line, measured, target_line, threshold
-from vqdoctor.formats.numbers import one_line
 from vqdoctor.gate import Check, GateResult, Status
+from vqdoctor.numbers import one_line
 
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 

@@ -16,7 +16,6 @@ from vqdoctor.formats.gate_parts import (
     threshold,
     top_findings,
 )
-from vqdoctor.formats.numbers import fmt_num, fmt_pct, fmt_value, one_line
 from vqdoctor.formats.parts import (
     PROBE_HINT,
     display_name,
@@ -29,6 +28,7 @@ from vqdoctor.formats.parts import (
     wants_probe_hint,
 )
 from vqdoctor.gate import GateResult, Status
+from vqdoctor.numbers import fmt_num, fmt_pct, fmt_value, one_line
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 

@@ -1,7 +1,7 @@
 """Pieces of a report that several formats share: the header, a quantizer's identity and key
 metrics, the usage sparkline, the nesting of findings under their cause, the closing line.
 
-Pure functions of the `Report`; numbers go through `vqdoctor.formats.numbers`.
+Pure functions of the `Report`; numbers go through `vqdoctor.numbers`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from vqdoctor.formats.numbers import fmt_num, fmt_pct, is_number
+from vqdoctor.numbers import fmt_num, fmt_pct, is_number
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from vqdoctor.formats.numbers import fmt_num, fmt_pct
+from vqdoctor.numbers import fmt_num, fmt_pct
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d")
 MARK_COLOR = {"error": "#dc2626", "warning": "#d97706", "info": "#6b7280"}

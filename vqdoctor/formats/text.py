@@ -22,7 +22,6 @@ from rich.text import Text
 
 from vqdoctor.formats.base import Format
 from vqdoctor.formats.gate_parts import STATUS_LABEL, finding_line, target_line
-from vqdoctor.formats.numbers import fmt_evidence, one_line
 from vqdoctor.formats.parts import (
     PROBE_HINT,
     display_name,
@@ -38,6 +37,7 @@ from vqdoctor.formats.parts import (
     wants_probe_hint,
 )
 from vqdoctor.gate import Check, GateResult, Status
+from vqdoctor.numbers import fmt_evidence, one_line
 from vqdoctor.report.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 

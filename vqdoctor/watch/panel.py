@@ -35,7 +35,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from vqdoctor.formats.numbers import as_float, fmt_compact
+from vqdoctor.numbers import as_float, fmt_compact
 from vqdoctor.watch.alerts import Alert, by_step, merge
 from vqdoctor.watch.store import StoreTail as RunTail
 

@@ -4,7 +4,8 @@ Two styles, each in one place:
 
 - `fmt_num` / `fmt_pct` / `fmt_value`: numbers for people in reports (3 significant digits,
   magnitudes as `1.2e+13`, a small non-zero share never rounded to 0%);
-- `fmt_compact`: the live panel's terse style (`-` when absent, `57%`, `2.00e-04`).
+- `fmt_compact`: the live panel's terse style (`-` when absent, `57%`, `2.00e-04`);
+- `fmt_exact` / `fmt_share`: a gate check's value against its threshold (`63 >= 3.2`, `25%`).
 
 Nothing here imports torch or reads anything; the functions take plain Python numbers.
 """
@@ -112,10 +113,29 @@ def fmt_compact(v: float | None, pct: bool = False) -> str:
     return f"{v:.3g}" if a < 100 else f"{v:.0f}"
 
 
+def fmt_exact(x: float) -> str:
+    """A measured value against a threshold (gate checks): integers exact, else 3 significant digits."""
+    if not math.isfinite(x):
+        return str(x)
+    if x == int(x) and abs(x) < 1e6:
+        return str(int(x))
+    return f"{x:.3g}"
+
+
+def fmt_share(x: float) -> str:
+    """A share compared with a threshold (gate checks): exact whole percents, else 3 digits."""
+    if not math.isfinite(x):
+        return str(x)
+    p = x * 100
+    if p == int(p):
+        return f"{int(p)}%"
+    return f"{p:.3g}%" if p >= 0.1 else f"{p:.2g}%"
+
+
 def one_line(text: str) -> str:
     """Collapse all whitespace (newlines included) to single spaces."""
     return " ".join(str(text).split())
 
 
 __all__ = ["as_float", "finite", "fmt_compact", "fmt_evidence", "fmt_num", "fmt_pct", "fmt_value",
-           "is_number", "one_line"]
+           "fmt_exact", "fmt_share", "is_number", "one_line"]
