@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 import vqdoctor
 from tests.watch.watch_models import BrokenSTQuantizer, QuantAE, lucid_vq, make_data, train
 from vqdoctor.cli import app
-from vqdoctor.watch.panel import PinnedDisplay, RunTail, WatchPanel, follow_run, open_display
+from vqdoctor.cli.panel import PinnedDisplay, WatchPanel, follow_run, open_display
+from vqdoctor.watch.store import StoreTail as RunTail
 from vqdoctor.watch.store import write_json_atomic
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).

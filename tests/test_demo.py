@@ -18,8 +18,8 @@ import torch
 from rich.console import Console
 
 import vqdoctor
+from vqdoctor.cli.panel import LineDisplay, WatchPanel
 from vqdoctor.demo import DemoConfig, DemoResult, run_demo
-from vqdoctor.watch.panel import LineDisplay, WatchPanel
 
 CFG = DemoConfig()
 K, D = CFG.codebook_size, CFG.dim

@@ -110,7 +110,7 @@ def test_launcher_tensorboard(tmp_path):
 
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT.format(here=str(Path(__file__).parent))))
-    run = run_watched([sys.executable, str(script)], tmp_path / "run", flush_every=FLUSH, panel="off",
+    run = run_watched([sys.executable, str(script)], tmp_path / "run", flush_every=FLUSH,
                       tensorboard=tmp_path / "tb")
     assert run.exit_code == 0 and run.report is not None
     scalars = events(tmp_path / "tb").Scalars(TAG)

@@ -89,7 +89,7 @@ def panel_factory(err: Console) -> Callable[[str, Path], Any]:
 
     @contextmanager
     def panel(name: str, run_dir: Path) -> Iterator[Callable[[], None]]:
-        from vqdoctor.watch.panel import WatchPanel, open_display
+        from vqdoctor.cli.panel import WatchPanel, open_display
 
         wp = WatchPanel(run_dir, rules_every=2.0)
         title = {"collapsed": "the collapsing run", "healthy": "the fixed run"}.get(name, name)

@@ -105,13 +105,14 @@ def watched_run(command: list[str], run_dir: Path | None, probe: Path | None,
                 rules: dict[str, dict[str, Any]] | None, kwargs: dict[str, Any]) -> Path:
     """Run the training watched (panel on stderr); its run directory. Records the command and
     its exit status in `kwargs` for the gate's `training` check."""
+    from vqdoctor.cli.panel import display_for
     from vqdoctor.watch.launcher import run_watched
 
     if not command:
         raise InputError("no command after --", hint="vqdoctor gate -- python train.py")
     if probe is not None:
         raise InputError("--probe applies to checkpoints; a watched run records usage itself")
-    run = run_watched(command, run_dir, console=err_console(), thresholds=rules)
+    run = run_watched(command, run_dir, display=display_for(console=err_console()), thresholds=rules)
     info(f"vqdoctor: run recorded in {run.run_dir}", style="dim")
     kwargs.update(command=list(run.command), exit_code=run.exit_code)
     return run.run_dir

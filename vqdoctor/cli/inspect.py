@@ -8,16 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vqdoctor.cli.boundary import EXIT_OK, boundary, print_warning, report_exit_code
+from vqdoctor.cli.boundary import EXIT_OK, boundary, print_warning
 from vqdoctor.cli.options import FailOn, FailOnOption, FormatOption, OutputOption, ReportFormat
 from vqdoctor.cli.output import (
     err_console,
-    out_console,
-    report_width,
-    summary,
-    to_stdout,
-    use_color,
-    write_report,
+    render_and_exit_code,
 )
 
 if TYPE_CHECKING:
@@ -106,20 +101,7 @@ def inspect(
     else:
         report = run_inspect(paths, **kwargs)
 
-    out = out_console()
-    terminal = to_stdout(output) and fmt is ReportFormat.text and out.is_terminal
-    from vqdoctor.formats import format as render
-
-    text = render(report, fmt.value,
-                  width=report_width(out) if to_stdout(output) else None,
-                  color=to_stdout(output) and use_color(out))
-    write_report(text, output)
-    if report.errors:
-        n = len(report.errors)
-        print_warning(f"{n} check{'s' * (n != 1)} failed; the analysis is incomplete")
-    if not terminal:  # on a terminal the text report already ends with this line
-        summary(report.summary_line(), report.verdict)
-    code = report_exit_code(report, fail_on.value)
+    code = render_and_exit_code(report, fmt, output, fail_on.value)
     if code != EXIT_OK:
         raise typer.Exit(code)
 

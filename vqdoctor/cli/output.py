@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.text import Text
 
 from vqdoctor.errors import InputError
+
+if TYPE_CHECKING:
+    from vqdoctor.cli.options import ReportFormat
+    from vqdoctor.report.model import Report
 
 MIN_WIDTH, MAX_WIDTH, PIPE_WIDTH = 40, 100, 80
 VERDICT_STYLE = {"failing": "bold red", "warning": "bold yellow", "healthy": "bold green"}
@@ -82,3 +87,24 @@ def print_block(console: Console, renderable: object, *, width: int | None = Non
         console.print(renderable, width=width or PIPE_WIDTH, soft_wrap=False)
     lines = [line.rstrip() for line in cap.get().splitlines()]
     console.file.write("\n".join(lines) + "\n")
+
+
+def render_and_exit_code(report: Report, fmt: ReportFormat, output: Path | None, fail_on: str) -> int:
+    """Print the report (stdout or --output), the summary line on stderr; its exit code.
+
+    On a terminal the text report already ends with the summary line, so it is not repeated.
+    """
+    from vqdoctor.cli.boundary import print_warning, report_exit_code
+    from vqdoctor.formats import format as render
+
+    out = out_console()
+    text = render(report, fmt.value, width=report_width(out) if to_stdout(output) else None,
+                  color=to_stdout(output) and use_color(out))
+    write_report(text, output)
+    if report.errors:
+        n = len(report.errors)
+        print_warning(f"{n} check{'s' * (n != 1)} failed; the analysis is incomplete")
+    terminal = to_stdout(output) and fmt.value == "text" and out.is_terminal
+    if not terminal:
+        summary(report.summary_line(), report.verdict)
+    return report_exit_code(report, fail_on)

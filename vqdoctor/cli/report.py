@@ -15,7 +15,7 @@ import typer
 from vqdoctor.cli.boundary import EXIT_OK, boundary
 from vqdoctor.cli.inspect import thresholds_from
 from vqdoctor.cli.options import FailOn, FailOnOption, FormatOption, OutputOption, ReportFormat
-from vqdoctor.cli.watch import render_and_exit_code
+from vqdoctor.cli.output import render_and_exit_code
 from vqdoctor.errors import InputError
 
 

@@ -23,23 +23,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from vqdoctor.cli.boundary import EXIT_ERROR, EXIT_OK, boundary, print_warning, report_exit_code
+from vqdoctor.cli.boundary import EXIT_ERROR, EXIT_OK, boundary, print_warning
 from vqdoctor.cli.inspect import thresholds_from
 from vqdoctor.cli.options import FailOn, FailOnOption, FormatOption, OutputOption, ReportFormat
 from vqdoctor.cli.output import (
     err_console,
     info,
-    out_console,
-    report_width,
-    summary,
-    to_stdout,
-    use_color,
-    write_report,
+    render_and_exit_code,
 )
 from vqdoctor.errors import InputError
 
 if TYPE_CHECKING:
-    from vqdoctor.report.model import Report
+    pass
 
 RAW_ARGS = "vqdoctor.raw_args"
 WATCH_CONTEXT = {"allow_interspersed_args": False}
@@ -81,23 +76,6 @@ def split_command(ctx: typer.Context, positionals: list[str]) -> tuple[list[str]
     if n <= len(positionals) and positionals[len(positionals) - n:] == after:
         return positionals[: len(positionals) - n], after
     return positionals, None
-
-
-def render_and_exit_code(report: Report, fmt: ReportFormat, output: Path | None, fail_on: str) -> int:
-    """Print the report (stdout or --output), the summary line on stderr; its exit code."""
-    from vqdoctor.formats import format as render
-
-    out = out_console()
-    text = render(report, fmt.value, width=report_width(out) if to_stdout(output) else None,
-                  color=to_stdout(output) and use_color(out))
-    write_report(text, output)
-    if report.errors:
-        n = len(report.errors)
-        print_warning(f"{n} check{'s' * (n != 1)} failed; the analysis is incomplete")
-    terminal = to_stdout(output) and fmt is ReportFormat.text and out.is_terminal
-    if not terminal:
-        summary(report.summary_line(), report.verdict)
-    return report_exit_code(report, fail_on) if fail_on != "never" else EXIT_OK
 
 
 def _panel_mode(no_panel: bool) -> str:
@@ -190,10 +168,11 @@ def watch_command(command: list[str], *, run_dir: Path | None, flush_every: int,
                   panel: str, thresholds: dict[str, dict[str, Any]] | None,
                   tensorboard: Path | None = None, wandb: bool = False) -> int:
     """Run the command watched, print its report; the exit code (see the module docstring)."""
+    from vqdoctor.cli.panel import display_for
     from vqdoctor.watch.launcher import run_watched
 
     run = run_watched(command, run_dir, flush_every=flush_every, stats_every=stats_every,
-                      window=window, panel=panel, console=err_console(), thresholds=thresholds,
+                      window=window, display=display_for(panel, err_console()), thresholds=thresholds,
                       tensorboard=tensorboard, wandb=wandb)
     info(f"vqdoctor: run recorded in {run.run_dir}", style="dim")
     if run.exit_code != 0:
@@ -204,62 +183,28 @@ def watch_command(command: list[str], *, run_dir: Path | None, flush_every: int,
             return run.exit_code
         return EXIT_OK if fail_on == "never" else EXIT_ERROR
     code = render_and_exit_code(run.report, fmt, output, fail_on)
-    return run.exit_code if run.exit_code != 0 else code
+    if run.exit_code != 0:
+        return run.exit_code
+    # --fail-on never (the default here): the command's own status is the exit code
+    return EXIT_OK if fail_on == "never" else code
 
 
 def watch_run_dir(run_dir: Path, *, fmt: ReportFormat, output: Path | None, fail_on: str,
                   panel: str, thresholds: dict[str, dict[str, Any]] | None) -> int:
     """Follow a run recorded elsewhere until it ends (or Ctrl-C), then print its report."""
+    from vqdoctor.cli.panel import follow_run
     from vqdoctor.diagnosis import report_run
-    from vqdoctor.watch.panel import follow_run
-    from vqdoctor.watch.store import load_records
+    from vqdoctor.watch.store import load_records, writer_gone
 
     load_records(run_dir)  # a missing directory, or one that holds no run: one line, exit 2
     try:
         follow_run(run_dir, mode=panel, console=err_console(), thresholds=thresholds,
-                   title=str(run_dir), stop=_writer_gone(run_dir))
+                   title=str(run_dir), stop=writer_gone(run_dir))
     except KeyboardInterrupt:
         info("vqdoctor: stopped following; the report covers the records so far", style="dim")
     report = report_run(run_dir, thresholds)
     return render_and_exit_code(report, fmt, output, fail_on)
 
 
-def _writer_gone(run_dir: Path, quiet_s: float = 60.0) -> Any:
-    """A `stop` test for a run whose meta still says "running": true once nothing was appended
-    for `quiet_s` seconds and no process that started a session is alive on this machine."""
-    import os
-    import time
-
-    from vqdoctor.watch.store import load_records, stream_paths
-
-    state = {"size": -1, "since": time.monotonic()}
-
-    def gone() -> bool:
-        try:
-            size = sum(p.stat().st_size for p in stream_paths(run_dir).values())
-        except OSError:
-            return False
-        now = time.monotonic()
-        if size != state["size"]:
-            state["size"], state["since"] = size, now
-            return False
-        if now - state["since"] < quiet_s:
-            return False
-        _, streams = load_records(run_dir)
-        pids = [r.get("pid") for recs in streams.values() for r in recs[:1] if r.get("t") == "start"]
-        for pid in pids:
-            if isinstance(pid, int):
-                try:
-                    os.kill(pid, 0)
-                    return False
-                except PermissionError:
-                    return False
-                except OSError:
-                    continue
-        return True
-
-    return gone
-
-
-__all__ = ["RAW_ARGS", "WATCH_CONTEXT", "RawArgsCommand", "render_and_exit_code", "split_command",
+__all__ = ["RAW_ARGS", "WATCH_CONTEXT", "RawArgsCommand", "split_command",
            "watch", "watch_command", "watch_run_dir"]

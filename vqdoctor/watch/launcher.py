@@ -8,7 +8,7 @@ run.exit_code, run.report.diagnosis      # the command's exit status, the ranked
 
 **The parent** (this process, `run_watched`) creates the run directory, writes `meta.json` with
 the command, starts the command with two environment changes, shows the live panel while it
-runs (`vqdoctor.watch.panel`; it tails the run directory), forwards SIGINT/SIGTERM to it, then
+runs (`vqdoctor.cli.panel`; it tails the run directory), forwards SIGINT/SIGTERM to it, then
 completes `meta.json` (`exit_code`; status `failed` on a non-zero exit) and computes the report
 from the run directory alone. The command's stdin/stdout/stderr are its own (inherited).
 
@@ -60,12 +60,13 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vqdoctor.errors import InputError
+from vqdoctor.watch.follow import WatchPanel
 from vqdoctor.watch.store import (
     META,
     SCHEMA_VERSION,
@@ -76,8 +77,6 @@ from vqdoctor.watch.store import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from vqdoctor.report.model import Report
     from vqdoctor.watch.alerts import Alert
 
@@ -332,10 +331,10 @@ def command_title(command: Sequence[str], limit: int = 60) -> str:
 
 def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None = None, *,
                 flush_every: int = 50, stats_every: int = 10, window: int | None = None,
-                panel: str = "auto", console: Console | None = None,
+                display: Callable[[WatchPanel, str], Any] | None = None,
                 thresholds: dict[str, dict[str, Any]] | None = None,
                 env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
-                every: float = 5.0, poll: float = 0.5, tensorboard: str | os.PathLike[str] | None = None,
+                poll: float = 0.5, tensorboard: str | os.PathLike[str] | None = None,
                 wandb: bool = False) -> WatchedRun:
     """Run an unmodified training command with vqdoctor's hooks attached in its Python processes.
 
@@ -346,13 +345,12 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
         flush_every: steps between device->host copies (and panel updates).
         stats_every: steps between cadence statistics.
         window: steps of the windowed usage metrics (default: automatic).
-        panel: "auto" (a pinned panel on a terminal, plain lines otherwise), "pinned",
-            "live", "lines" or "off".
-        console: where the panel goes (default: stderr).
+        display: makes what shows the run while it trains from its `WatchPanel` and a title
+            (the command line's `cli.panel.open_display`); it has `update(final=False)` and
+            `close()`. None: nothing is shown, the alerts are still kept.
         thresholds: rule threshold overrides for the alerts and the report.
         env: the command's base environment (default: ours).
         cwd: the command's working directory (default: ours).
-        every: seconds between two plain status lines.
         poll: seconds between two reads of the run directory.
         tensorboard: also write TensorBoard event files to this folder (from rank 0).
         wandb: also log to Weights & Biases (the program's active run, else a new one).
@@ -363,8 +361,6 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
     Raises:
         InputError: empty command, command not found, or unusable run directory.
     """
-    from vqdoctor.watch.panel import NullDisplay, WatchPanel, open_display
-
     cmd = [str(c) for c in command]
     if not cmd:
         raise InputError("no command to run", hint="vqdoctor watch -- python train.py")
@@ -387,11 +383,12 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
     forwarder = _SignalForwarder(proc).install()
     wp = WatchPanel(rd, thresholds=thresholds)
     try:
-        try:
-            display = open_display(wp, mode=panel, console=console, title=command_title(cmd),
-                                   child_output=True, every=every)
-        except Exception:  # a panel that cannot start must not stop the training
-            display = NullDisplay(wp, console)  # type: ignore[arg-type]
+        shown: Any = _Unshown(wp)
+        if display is not None:
+            try:
+                shown = display(wp, command_title(cmd))
+            except Exception:  # a panel that cannot start must not stop the training
+                pass
         try:
             while True:
                 try:
@@ -400,18 +397,18 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
                 except subprocess.TimeoutExpired:
                     pass
                 try:
-                    display.update()
+                    shown.update()
                 except Exception:
-                    display = NullDisplay(wp, console)  # type: ignore[arg-type]
+                    shown = _Unshown(wp)
             exit_code = _exit_status(returncode)
             status = finalize_meta(rd, exit_code)
             try:
-                display.update(final=True)
+                shown.update(final=True)
             except Exception:
                 pass
         finally:
             try:
-                display.close()
+                shown.close()
             except Exception:
                 pass
     finally:
@@ -435,6 +432,19 @@ def run_watched(command: Sequence[str], run_dir: str | os.PathLike[str] | None =
         note = NOTHING_RECORDED
     return WatchedRun(exit_code=exit_code, run_dir=rd, report=report, status=status,
                       command=tuple(cmd), note=note, alerts=tuple(wp.sorted_alerts()))
+
+
+class _Unshown:
+    """No display: the panel's state (latest values, alerts) is still kept."""
+
+    def __init__(self, panel: WatchPanel):
+        self.panel = panel
+
+    def update(self, *, final: bool = False) -> list[Alert]:
+        return self.panel.refresh(rules=True if final else None)
+
+    def close(self) -> None:
+        pass
 
 
 def _size(path: Path) -> int:

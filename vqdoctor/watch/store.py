@@ -66,6 +66,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -435,6 +436,38 @@ def load_records(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     tail = StoreTail(d, strict=True)
     tail.poll(final=True)
     return meta or tail.meta, {r: tail.streams.get(r, []) for r in paths}
+
+
+def writer_gone(run_dir: Path, quiet_s: float = 60.0) -> Any:
+    """A `stop` test for a run whose meta still says "running": true once nothing was appended
+    for `quiet_s` seconds and no process that started a session is alive on this machine."""
+    state = {"size": -1, "since": time.monotonic()}
+
+    def gone() -> bool:
+        try:
+            size = sum(p.stat().st_size for p in stream_paths(run_dir).values())
+        except OSError:
+            return False
+        now = time.monotonic()
+        if size != state["size"]:
+            state["size"], state["since"] = size, now
+            return False
+        if now - state["since"] < quiet_s:
+            return False
+        _, streams = load_records(run_dir)
+        pids = [r.get("pid") for recs in streams.values() for r in recs[:1] if r.get("t") == "start"]
+        for pid in pids:
+            if isinstance(pid, int):
+                try:
+                    os.kill(pid, 0)
+                    return False
+                except PermissionError:
+                    return False
+                except OSError:
+                    continue
+        return True
+
+    return gone
 
 
 def records_frame(streams: dict[int, list[dict[str, Any]]]):
