@@ -25,7 +25,7 @@ from vqdoctor.cli import demo as demo_cmd
 from vqdoctor.cli import inspect as inspect_cmd
 from vqdoctor.errors import CheckpointError
 from vqdoctor.formats import format as render
-from vqdoctor.report.model import Report
+from vqdoctor.results.model import Report
 from vqdoctor.rules import registry
 from vqdoctor.rules.base import Rule, RuleSpec
 

@@ -24,8 +24,8 @@ import vqdoctor
 from tests.watch.watch_models import BrokenSTQuantizer, QuantAE, lucid_vq, make_data, train
 from vqdoctor.cli import app
 from vqdoctor.cli.panel import PinnedDisplay, WatchPanel, follow_run, open_display
-from vqdoctor.watch.store import StoreTail as RunTail
-from vqdoctor.watch.store import write_json_atomic
+from vqdoctor.live.store import StoreTail as RunTail
+from vqdoctor.live.store import write_json_atomic
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
 pytestmark = pytest.mark.library

@@ -28,7 +28,7 @@ import vqdoctor
 from tests.fixtures.reference_quantizers import Quantize, VectorQuantizer2, VectorQuantizerEMA
 from tests.libs import LUCIDRAINS_ZERO_INIT, encodec_core_vq
 from vqdoctor.cli import app
-from vqdoctor.report.model import Report
+from vqdoctor.results.model import Report
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
 pytestmark = pytest.mark.library

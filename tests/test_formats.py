@@ -18,7 +18,7 @@ from vqdoctor.formats import FORMATS, Format
 from vqdoctor.formats import format as render
 from vqdoctor.formats.parts import nesting, sparkline, usage_shares
 from vqdoctor.numbers import fmt_num, fmt_pct
-from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.results.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -22,9 +22,9 @@ from vqdoctor.formats import GATE_FORMATS
 from vqdoctor.formats import format as render
 from vqdoctor.formats.html import chart_ids
 from vqdoctor.gate import Check, GateResult, GateThresholds, Status
-from vqdoctor.report.model import QuantizerSeries, ReportSeries
-from vqdoctor.report.reference import reference_for
-from vqdoctor.report.series import rank_frequency, with_series
+from vqdoctor.results.model import QuantizerSeries, ReportSeries
+from vqdoctor.results.reference import reference_for
+from vqdoctor.results.series import rank_frequency, with_series
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("VQDOCTOR_UPDATE_GOLDEN", "") not in ("", "0")

@@ -18,7 +18,7 @@ from vqdoctor.formats import GATE_FORMATS
 from vqdoctor.formats import format as render
 from vqdoctor.formats.github import MAX_PER_LEVEL, escape_data, escape_property
 from vqdoctor.gate import Check, GateResult, GateThresholds, Status, gate
-from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.results.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
 HOSTILE = "50% of codes\r\nnext line: a, b & <c> \x01"

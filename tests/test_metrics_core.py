@@ -17,13 +17,13 @@ from torch import nn
 
 import vqdoctor
 from vqdoctor.gate import GateThresholds, gate
+from vqdoctor.live.store import StoreTail
 from vqdoctor.metrics import device as MD
 from vqdoctor.metrics import functional as F
 from vqdoctor.metrics import usage as U
 from vqdoctor.metrics.codebook import codebook_metrics
 from vqdoctor.metrics.probe import input_spread
 from vqdoctor.quantizers.base import QuantizerState
-from vqdoctor.watch.store import StoreTail
 
 K, D, STEPS = 64, 8, 12
 

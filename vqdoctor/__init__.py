@@ -9,20 +9,25 @@ Public API::
     vqdoctor.report("runs/vq")                     # ranked diagnosis of a recorded run
     vqdoctor.load_run("runs/vq")                   # its per-step metrics (pandas)
 
-`watch`, `report`, `load_run`, `register_adapter` and `LiveSpec` are imported on first use,
-so `import vqdoctor` stays light.
+The functions import what they need when called, and the classes (`Doctor`, `LiveSpec`,
+`Report`, `Finding`) load on first access, so `import vqdoctor` stays light. The subpackages
+are named for what they hold (`checkpoint`, `quantizers`, `metrics`, `sources`, `rules`,
+`results`, `formats`, `live`, `integrations`, `cli`), none after a function of this API.
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vqdoctor.live.doctor import Doctor
+    from vqdoctor.results.model import Report
 
 __version__ = "0.1.0"
 
 
-def inspect(path: Any, *more: Any, **kwargs: Any):
+def inspect(path: Any, *more: Any, **kwargs: Any) -> Report:
     """Diagnose checkpoint(s); see `vqdoctor.diagnosis.inspect_checkpoints` for options.
 
     Args:
@@ -31,7 +36,7 @@ def inspect(path: Any, *more: Any, **kwargs: Any):
         **kwargs: probe=, quantizers=, levels=, trust_checkpoint=, thresholds=.
 
     Returns:
-        vqdoctor.report.Report
+        The ranked report.
     """
     from vqdoctor.diagnosis import inspect_checkpoints
 
@@ -39,80 +44,59 @@ def inspect(path: Any, *more: Any, **kwargs: Any):
     return inspect_checkpoints([*paths, *more], **kwargs)
 
 
-def load_run(run_dir: Any):
-    """Per-step metrics of a recorded run as a pandas DataFrame (`vqdoctor.watch.store.load_run`)."""
-    from vqdoctor.watch.store import load_run as _load_run
+def watch(model: Any, run_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> Doctor:
+    """Watch a model while it trains; use the result as a context manager.
 
-    return _load_run(run_dir)
+    See `vqdoctor.live.doctor.watch` for the options (flush_every=, stats_every=, window=,
+    quantizers=, tensorboard=, wandb=, exporters=, ...).
+
+    Returns:
+        The `Doctor`; hooks are attached on `__enter__` (or `start()`).
+    """
+    from vqdoctor.live.doctor import watch as _watch
+
+    return _watch(model, run_dir, **kwargs)
 
 
-def register_adapter(cls_or_predicate: Any, fn: Any):
-    """Teach the live watch a custom quantizer module (`vqdoctor.watch.live.register_adapter`)."""
-    from vqdoctor.watch.live import register_adapter as _register
-
-    return _register(cls_or_predicate, fn)
-
-
-def _report(run_dir: Any, thresholds: Any = None):
+def report(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None,
+           *, window: int | None = None) -> Report:
     """Ranked diagnosis of a recorded run directory (`vqdoctor.diagnosis.report_run`).
 
     Args:
         run_dir: the run directory written by `vqdoctor.watch`.
         thresholds: per-rule threshold overrides.
-
-    Returns:
-        vqdoctor.report.Report
+        window: report the windowed usage over the last `window` steps.
     """
     from vqdoctor.diagnosis import report_run
 
-    return report_run(run_dir, thresholds)
+    return report_run(run_dir, thresholds, window=window)
 
 
-class _ReportEntry:
-    """`vqdoctor.report`: the run-report function, which also exposes the `vqdoctor.report` package.
+def load_run(run_dir: str | os.PathLike[str]) -> Any:
+    """Per-step metrics of a recorded run as a pandas DataFrame (`vqdoctor.live.store.load_run`)."""
+    from vqdoctor.live.store import load_run as _load_run
 
-    `vqdoctor.report` is both a function (SPEC: `vqdoctor.report("runs/vq")`) and the
-    subpackage holding the Report model; importing the subpackage would rebind the name, so
-    the package attribute is kept as this callable, which forwards attribute access to the
-    subpackage (`vqdoctor.report.Report` still works).
-    """
-
-    __doc__ = _report.__doc__
-
-    def __call__(self, run_dir: Any, thresholds: Any = None):
-        return _report(run_dir, thresholds)
-
-    def __getattr__(self, name: str) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module("vqdoctor.report"), name)
-
-    def __repr__(self) -> str:
-        return "<function vqdoctor.report(run_dir, thresholds=None)>"
+    return _load_run(run_dir)
 
 
-_REPORT = _ReportEntry()
+def register_adapter(cls_or_predicate: Any, fn: Any) -> Any:
+    """Teach the live watch a custom quantizer module (`vqdoctor.live.discovery.register_adapter`)."""
+    from vqdoctor.live.discovery import register_adapter as _register
+
+    return _register(cls_or_predicate, fn)
 
 
-class _Package(types.ModuleType):
-    @property
-    def report(self) -> _ReportEntry:
-        return _REPORT
-
-    @report.setter
-    def report(self, value: Any) -> None:  # the import system binds the subpackage here: keep the function
-        pass
+_LAZY = {"Doctor": "vqdoctor.live.doctor", "LiveSpec": "vqdoctor.live.discovery",
+         "Report": "vqdoctor.results.model", "Finding": "vqdoctor.rules.base"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("watch", "LiveSpec"):
+    if name in _LAZY:
         import importlib
 
-        mod = importlib.import_module("vqdoctor.watch")  # a callable module: vqdoctor.watch(model, ...)
-        return mod if name == "watch" else mod.LiveSpec
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vqdoctor' has no attribute {name!r}")
 
 
-sys.modules[__name__].__class__ = _Package
-
-__all__ = ["LiveSpec", "__version__", "inspect", "load_run", "register_adapter", "report", "watch"]
+__all__ = ["Doctor", "Finding", "LiveSpec", "Report", "__version__", "inspect", "load_run",
+           "register_adapter", "report", "watch"]

@@ -87,7 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqdoctor.report.model import Report
+from vqdoctor.results.model import Report
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ def train_run(cfg: DemoConfig, *, zero_init_counts: bool, replace_below: float |
     with ExitStack() as stack:
         doctor = None
         if run_dir is not None:
-            from vqdoctor.watch import watch
+            from vqdoctor.live.doctor import watch
 
             doctor = stack.enter_context(watch(model, run_dir, flush_every=cfg.watch_flush_every,
                                                stats_every=cfg.watch_stats_every))

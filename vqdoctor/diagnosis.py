@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from vqdoctor import __version__
-from vqdoctor.report.model import Report
-from vqdoctor.report.series import with_series
+from vqdoctor.results.model import Report
+from vqdoctor.results.series import with_series
 from vqdoctor.rules import run_rules
 from vqdoctor.sources import Observation
 
@@ -83,8 +83,8 @@ def report_run(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, 
     Raises:
         RunStoreError: the directory is missing, unreadable or holds no run.
     """
+    from vqdoctor.live.store import load_records
     from vqdoctor.sources.run import observe_run
-    from vqdoctor.watch.store import load_records
 
     meta, streams = load_records(run_dir)
     return diagnose(observe_run(meta, streams, [str(run_dir)], window=window), thresholds)
@@ -92,7 +92,7 @@ def report_run(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, 
 
 def report_records(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], paths: Sequence[str],
                    thresholds: dict[str, dict[str, Any]] | None = None) -> Report:
-    """The ranked report of a run's records already read (a `watch.store.StoreTail`, the Doctor)."""
+    """The ranked report of a run's records already read (a `live.store.StoreTail`, the Doctor)."""
     from vqdoctor.sources.run import observe_run
 
     return diagnose(observe_run(meta, streams, list(paths)), thresholds)

@@ -52,7 +52,7 @@ from vqdoctor.errors import InputError
 from vqdoctor.metrics.usage import reachable_codes
 from vqdoctor.numbers import fmt_exact as _fmt
 from vqdoctor.numbers import fmt_share as _pct
-from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.results.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding, Severity, json_value
 
 SCHEMA_VERSION = 1

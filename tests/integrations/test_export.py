@@ -18,7 +18,7 @@ from models import autoencoder, data, plain_loop
 import vqdoctor
 from vqdoctor.errors import ConfigError
 from vqdoctor.integrations.export import TensorBoardExporter, WandbExporter, build_exporters
-from vqdoctor.watch.store import load_records
+from vqdoctor.live.store import load_records
 
 FLUSH = 20
 TAG = "vqdoctor/ae.quantizer/perplexity"
@@ -106,7 +106,7 @@ for i in range(0, len(x), BATCH):
 
 def test_launcher_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
-    from vqdoctor.watch.launcher import run_watched
+    from vqdoctor.live.launcher import run_watched
 
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT.format(here=str(Path(__file__).parent))))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import vqdoctor  # noqa: E402
 from vqdoctor.integrations.lightning import VQDoctorAlert, VQDoctorCallback  # noqa: E402
-from vqdoctor.watch.store import load_records  # noqa: E402
+from vqdoctor.live.store import load_records  # noqa: E402
 
 FLUSH = 20
 

@@ -19,7 +19,7 @@ from models import BATCH, LR, STEPS, autoencoder, comparable, data  # noqa: E402
 
 import vqdoctor  # noqa: E402
 from vqdoctor.integrations.transformers import VQDoctorAlert, VQDoctorCallback  # noqa: E402
-from vqdoctor.watch.store import load_records  # noqa: E402
+from vqdoctor.live.store import load_records  # noqa: E402
 
 FLUSH = 20
 QNAME = "ae.quantizer"

@@ -20,8 +20,8 @@ import pytest
 
 import vqdoctor
 from tests.watch.launcher_scripts import DDP, SCENARIO
-from vqdoctor.watch.launcher import BOOT_DIR, ENV_CONFIG
-from vqdoctor.watch.store import load_records, read_meta
+from vqdoctor.live.launcher import BOOT_DIR, ENV_CONFIG
+from vqdoctor.live.store import load_records, read_meta
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
 pytestmark = pytest.mark.library

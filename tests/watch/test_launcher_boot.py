@@ -1,4 +1,4 @@
-"""The start-up hook the launcher injects (`vqdoctor/watch/_boot/sitecustomize.py`) and its agent.
+"""The start-up hook the launcher injects (`vqdoctor/live/_boot/sitecustomize.py`) and its agent.
 
 These run Python with the launcher's environment only (PYTHONPATH + VQDOCTOR_WATCH), no
 vqdoctor parent: the hook must be invisible to programs that never import torch, chain to the
@@ -17,8 +17,8 @@ import pytest
 
 import vqdoctor
 from tests.watch.launcher_scripts import ROOTS
-from vqdoctor.watch.launcher import BOOT_DIR, ENV_CONFIG, watch_config, watch_env
-from vqdoctor.watch.store import load_records, read_meta
+from vqdoctor.live.launcher import BOOT_DIR, ENV_CONFIG, watch_config, watch_env
+from vqdoctor.live.store import load_records, read_meta
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
 pytestmark = pytest.mark.library
@@ -128,8 +128,8 @@ def test_watch_env_puts_the_boot_folder_first_once():
 
 @pytest.mark.parametrize("exists", [True, False])
 def test_meta_is_finalized_with_the_exit_code(tmp_path, exists):
-    from vqdoctor.watch.launcher import finalize_meta
-    from vqdoctor.watch.store import write_json_atomic
+    from vqdoctor.live.launcher import finalize_meta
+    from vqdoctor.live.store import write_json_atomic
 
     if exists:
         write_json_atomic(tmp_path / "meta.json", {"status": "finished", "ended": "x"})

@@ -20,7 +20,7 @@ from tests.watch.watch_models import (
     train,
     unpack_diffusers,
 )
-from vqdoctor.watch.live import LiveSpec
+from vqdoctor.live.discovery import LiveSpec
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
 pytestmark = pytest.mark.library
@@ -172,7 +172,7 @@ def test_named_quantizer_missing_is_an_error(tmp_path):
 def test_default_run_dir_is_new_and_not_from_torch_rng(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     state = torch.get_rng_state()
-    a, b = vqdoctor.watch.default_run_dir(), vqdoctor.watch.default_run_dir()
+    a, b = vqdoctor.live.doctor.default_run_dir(), vqdoctor.live.doctor.default_run_dir()
     assert a != b and a.parent.name == "vqdoctor-runs"
     assert torch.equal(state, torch.get_rng_state())
 

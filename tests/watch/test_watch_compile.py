@@ -4,7 +4,7 @@ The backend is `aot_eager`: it runs dynamo (which graph-breaks around the watch'
 AOTAutograd (compiled forward/backward graphs, whose outputs carry the straight-through
 gradient hooks) without inductor's code generation, which takes ~20 s on a shared CPU. The
 inductor runs (vector-quantize-pytorch and diffusers quantizers, whole model and quantizer
-alone) were checked by hand (see `vqdoctor.watch.COMPILE_NOTES`). diffusers' quantizer keeps
+alone) were checked by hand (see `vqdoctor.live.doctor.COMPILE_NOTES`). diffusers' quantizer keeps
 dynamo's tracing short; vector-quantize-pytorch takes ~20 s to trace here.
 """
 

@@ -24,8 +24,8 @@ from tests.watch.watch_models import (
     make_data,
     train,
 )
-from vqdoctor.watch import WatchWarning
-from vqdoctor.watch.live import LiveSpec
+from vqdoctor.live.discovery import LiveSpec
+from vqdoctor.live.doctor import WatchWarning
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
 pytestmark = pytest.mark.library

@@ -16,8 +16,8 @@ from torch import nn
 import vqdoctor
 from tests.libs import LUCIDRAINS_ZERO_INIT
 from tests.watch.watch_models import QuantAE, SyncFreeEMAQuantizer, lucid_vq, make_data, train
+from vqdoctor.live.store import load_records, records_frame
 from vqdoctor.metrics import device
-from vqdoctor.watch.store import load_records, records_frame
 
 # Run again against every supported vector-quantize-pytorch release (.ci/run's version matrix).
 pytestmark = pytest.mark.library

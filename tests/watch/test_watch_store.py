@@ -8,7 +8,7 @@ import pytest
 
 import vqdoctor
 from vqdoctor.errors import RunStoreError
-from vqdoctor.watch.store import RunStore, load_records
+from vqdoctor.live.store import RunStore, load_records
 
 
 def _write(path, records, tail: str = "") -> None:

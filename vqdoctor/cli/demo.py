@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from vqdoctor.report.model import Report
+    from vqdoctor.results.model import Report
 
 KEEP_HINT_DIR = "vqdoctor-demo"
 

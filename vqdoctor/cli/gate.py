@@ -1,5 +1,5 @@
 """`vqdoctor gate TARGET` / `vqdoctor gate -- CMD`: a CI gate over a run directory, checkpoint(s),
-or a training command run watched first (`vqdoctor.watch.launcher.run_watched`).
+or a training command run watched first (`vqdoctor.live.launcher.run_watched`).
 
 Exit 0 when every check passes, 1 when one fails, 2 when the target could not be analysed
 (never 1). Thresholds: command line > `[tool.vqdoctor.gate]` in ./pyproject.toml > defaults.
@@ -106,7 +106,7 @@ def watched_run(command: list[str], run_dir: Path | None, probe: Path | None,
     """Run the training watched (panel on stderr); its run directory. Records the command and
     its exit status in `kwargs` for the gate's `training` check."""
     from vqdoctor.cli.panel import display_for
-    from vqdoctor.watch.launcher import run_watched
+    from vqdoctor.live.launcher import run_watched
 
     if not command:
         raise InputError("no command after --", hint="vqdoctor gate -- python train.py")

@@ -16,7 +16,7 @@ from vqdoctor.cli.output import (
 )
 
 if TYPE_CHECKING:
-    from vqdoctor.report.model import Report
+    from vqdoctor.results.model import Report
 
 TRUST_WARNING = (
     "--trust-checkpoint: checkpoints will be fully unpickled, which runs any code they contain. "

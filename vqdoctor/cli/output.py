@@ -12,7 +12,7 @@ from vqdoctor.errors import InputError
 
 if TYPE_CHECKING:
     from vqdoctor.cli.options import ReportFormat
-    from vqdoctor.report.model import Report
+    from vqdoctor.results.model import Report
 
 MIN_WIDTH, MAX_WIDTH, PIPE_WIDTH = 40, 100, 80
 VERDICT_STYLE = {"failing": "bold red", "warning": "bold yellow", "healthy": "bold green"}

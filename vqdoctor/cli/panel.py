@@ -1,6 +1,6 @@
 """The live panel: what a watched run looks like while it is being recorded.
 
-The panel shows a `vqdoctor.watch.follow.WatchPanel`, which reads the run directory only (the
+The panel shows a `vqdoctor.live.follow.WatchPanel`, which reads the run directory only (the
 store's one reader), so it works the same over a training in this
 process (the demo), a child process (`vqdoctor watch -- CMD`) and a run recorded elsewhere
 (`vqdoctor watch RUN_DIR`). Every few seconds it runs the rules over the records so far
@@ -34,9 +34,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from vqdoctor.live.alerts import Alert
+from vqdoctor.live.follow import WatchPanel
 from vqdoctor.numbers import fmt_compact
-from vqdoctor.watch.alerts import Alert
-from vqdoctor.watch.follow import WatchPanel
 
 # quantizers shown (the rest are counted)
 MAX_QUANTIZERS = 8
@@ -283,7 +283,7 @@ def open_display(panel: WatchPanel, *, mode: str = "auto", console: Console | No
 
 def display_for(mode: str = "auto", console: Console | None = None, every: float = 5.0
                 ) -> Callable[[WatchPanel, str], Display]:
-    """A `display` for `watch.launcher.run_watched`: the panel over a child's output."""
+    """A `display` for `live.launcher.run_watched`: the panel over a child's output."""
     def make(panel: WatchPanel, title: str) -> Display:
         return open_display(panel, mode=mode, console=console, title=title, child_output=True, every=every)
     return make

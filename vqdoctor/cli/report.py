@@ -39,7 +39,7 @@ def report(
     Exit 0 when nothing is at or above --fail-on, 1 when something is, 2 when the run could not be analysed.
     """
     from vqdoctor.diagnosis import report_run
-    from vqdoctor.watch.store import load_records
+    from vqdoctor.live.store import load_records
 
     _, streams = load_records(run_dir)  # missing, or not a run: one line, exit 2
     if not any(streams.values()):
@@ -49,7 +49,7 @@ def report(
     result = report_run(run_dir, thresholds)
     if plot is not None:
         from vqdoctor.cli.output import info
-        from vqdoctor.report.plot import plot_report
+        from vqdoctor.results.plot import plot_report
 
         info(f"charts written to {plot_report(result, plot)}")
     code = render_and_exit_code(result, fmt, output, fail_on.value)

@@ -1,7 +1,7 @@
 """`vqdoctor watch [OPTIONS] -- CMD ARGS...` and `vqdoctor watch RUN_DIR`.
 
 With a command: run it unmodified with vqdoctor's hooks attached in its Python processes
-(`vqdoctor.watch.launcher`), show the live panel while it runs, then print the ranked report.
+(`vqdoctor.live.launcher`), show the live panel while it runs, then print the ranked report.
 The exit code is the command's own when it failed; otherwise 1 when the report has a finding at
 or above `--fail-on` (default `never`: the command's exit code is passed through), 2 when
 vqdoctor itself could not work.
@@ -169,7 +169,7 @@ def watch_command(command: list[str], *, run_dir: Path | None, flush_every: int,
                   tensorboard: Path | None = None, wandb: bool = False) -> int:
     """Run the command watched, print its report; the exit code (see the module docstring)."""
     from vqdoctor.cli.panel import display_for
-    from vqdoctor.watch.launcher import run_watched
+    from vqdoctor.live.launcher import run_watched
 
     run = run_watched(command, run_dir, flush_every=flush_every, stats_every=stats_every,
                       window=window, display=display_for(panel, err_console()), thresholds=thresholds,
@@ -194,7 +194,7 @@ def watch_run_dir(run_dir: Path, *, fmt: ReportFormat, output: Path | None, fail
     """Follow a run recorded elsewhere until it ends (or Ctrl-C), then print its report."""
     from vqdoctor.cli.panel import follow_run
     from vqdoctor.diagnosis import report_run
-    from vqdoctor.watch.store import load_records, writer_gone
+    from vqdoctor.live.store import load_records, writer_gone
 
     load_records(run_dir)  # a missing directory, or one that holds no run: one line, exit 2
     try:

@@ -1,7 +1,7 @@
 """Output formats for reports and gate results: one registry, one entry point.
 
     from vqdoctor.formats import format
-    format(report, "text", width=80, color=False)   # a vqdoctor.report.Report
+    format(report, "text", width=80, color=False)   # a vqdoctor.results.Report
     format(gate_result, "junit")                     # a vqdoctor.gate.GateResult
 
 `format` dispatches on the type of the result; each format is one small class (a
@@ -47,7 +47,7 @@ def result_kind(result: Any) -> str:
         ConfigError: anything else.
     """
     from vqdoctor.gate import GateResult
-    from vqdoctor.report.model import Report
+    from vqdoctor.results.model import Report
 
     if isinstance(result, GateResult):
         return "gate"
@@ -77,7 +77,7 @@ def format(result: Any, fmt: str = "text", *, width: int | None = None,  # noqa:
     """Render a report or a gate result in format `fmt`.
 
     Args:
-        result: a `vqdoctor.report.Report` or a `vqdoctor.gate.GateResult`.
+        result: a `vqdoctor.results.Report` or a `vqdoctor.gate.GateResult`.
         fmt: a format name of that kind of result (`FORMATS` / `GATE_FORMATS`).
         width: line width for laid-out formats (default 80).
         color: terminal colours for formats that have them (default off).

@@ -26,7 +26,7 @@ class Format(ABC):
     suffix: ClassVar[str]
     """File name suffix for this format, e.g. ".txt"."""
     result: ClassVar[str]
-    """What it renders: "report" (`vqdoctor.report.Report`) or "gate" (`vqdoctor.gate.GateResult`)."""
+    """What it renders: "report" (`vqdoctor.results.Report`) or "gate" (`vqdoctor.gate.GateResult`)."""
 
     def __init__(self, *, width: int | None = None, color: bool | None = None) -> None:
         self.width = int(width) if width else DEFAULT_WIDTH

@@ -6,7 +6,7 @@ steps the alerts first held marked, scale ratio, loss, a stage x step grid per r
 a head x step grid per multi-head quantizer, the rank-frequency curve, the code-norm histograms;
 then the ranked findings with evidence and fixes, and errors. Gate result (`HtmlGateFormat`): the
 outcome, a table of every check, then the report. Chart data comes from `Report.series` (what
-`vqdoctor.report.series` collected); a chart without data is left out. The page's
+`vqdoctor.results.series` collected); a chart without data is left out. The page's
 Content-Security-Policy forbids every network load and every script.
 """
 
@@ -33,7 +33,7 @@ from vqdoctor.formats.parts import (
 )
 from vqdoctor.gate import GateResult, Status
 from vqdoctor.numbers import fmt_num, fmt_pct, fmt_value, is_number, one_line
-from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.results.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
 MAX_LINES = 8  # quantizers drawn as lines in one chart; residual groups also get a grid

@@ -8,7 +8,7 @@ from typing import Any
 
 from vqdoctor.formats.base import Format
 from vqdoctor.gate import GateResult
-from vqdoctor.report.model import Report
+from vqdoctor.results.model import Report
 from vqdoctor.rules.base import json_value
 
 

@@ -29,7 +29,7 @@ from vqdoctor.formats.parts import (
 )
 from vqdoctor.gate import GateResult, Status
 from vqdoctor.numbers import fmt_num, fmt_pct, fmt_value, one_line
-from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.results.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
 _ESCAPE = str.maketrans({"\\": "\\\\", "*": "\\*", "`": "\\`", "|": "\\|", "<": "&lt;",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vqdoctor.numbers import fmt_num, fmt_pct, is_number
-from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.results.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
 # --- report pieces ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from vqdoctor.formats.parts import (
 )
 from vqdoctor.gate import Check, GateResult, Status
 from vqdoctor.numbers import fmt_evidence, one_line
-from vqdoctor.report.model import QuantizerReport, Report
+from vqdoctor.results.model import QuantizerReport, Report
 from vqdoctor.rules.base import Finding
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "blue"}

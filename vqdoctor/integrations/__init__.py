@@ -1,5 +1,5 @@
 """Where users already work: exporters to TensorBoard / W&B and callbacks for Lightning and
-Hugging Face `Trainer`, all thin layers over the one watch core (`vqdoctor.watch.Doctor`).
+Hugging Face `Trainer`, all thin layers over the one watch core (`vqdoctor.live.doctor.Doctor`).
 
 - `vqdoctor.integrations.export`: `TensorBoardExporter`, `WandbExporter` (fed by the Doctor's
   `on_flush` records, so they never add a host synchronisation between flushes);

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vqdoctor.integrations.export import METRICS, latest, scalars
-from vqdoctor.watch.store import WatchWarning
+from vqdoctor.live.store import WatchWarning
 
 if TYPE_CHECKING:
-    from vqdoctor.report.model import Report
-    from vqdoctor.watch import Doctor
-    from vqdoctor.watch.alerts import Alert
+    from vqdoctor.live.alerts import Alert
+    from vqdoctor.live.doctor import Doctor
+    from vqdoctor.results.model import Report
 
 SEVERITY_RANK = {"error": 0, "warning": 1}
 REPORT_NAMES = {"text": "report.txt", "json": "report.json", "markdown": "report.md", "html": "report.html"}
@@ -92,7 +92,7 @@ class TrainerWatch:
         if self.doctor is not None or self.off:
             return self.doctor is not None
         try:
-            from vqdoctor.watch import watch
+            from vqdoctor.live.doctor import watch
 
             o = self.options
             self.doctor = watch(model, self.run_dir, flush_every=o["flush_every"], stats_every=o["stats_every"],

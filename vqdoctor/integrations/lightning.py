@@ -93,7 +93,7 @@ class VQDoctorCallback(Callback):
 
     @property
     def doctor(self) -> Any:
-        """The live `vqdoctor.watch.Doctor` (None before `fit` or when the watch is off)."""
+        """The live `vqdoctor.live.doctor.Doctor` (None before `fit` or when the watch is off)."""
         return self.core.doctor
 
     @property

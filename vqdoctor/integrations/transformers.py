@@ -75,7 +75,7 @@ class VQDoctorCallback(TrainerCallback):
 
     @property
     def doctor(self) -> Any:
-        """The live `vqdoctor.watch.Doctor` (None before training or when the watch is off)."""
+        """The live `vqdoctor.live.doctor.Doctor` (None before training or when the watch is off)."""
         return self.core.doctor
 
     @property

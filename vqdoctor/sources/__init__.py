@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vqdoctor.report.model import QuantizerReport, ReportSeries
+from vqdoctor.results.model import QuantizerReport, ReportSeries
 from vqdoctor.rules.base import Evidence
 
 

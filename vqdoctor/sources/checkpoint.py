@@ -19,8 +19,8 @@ from vqdoctor.metrics.params import param_drift
 from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.base import QuantizerState
-from vqdoctor.report.model import QuantizerReport, QuantizerSeries, ReportSeries
-from vqdoctor.report.series import head_usage_from_counts, norm_histogram, rank_frequency
+from vqdoctor.results.model import QuantizerReport, QuantizerSeries, ReportSeries
+from vqdoctor.results.series import head_usage_from_counts, norm_histogram, rank_frequency
 from vqdoctor.rules.base import Evidence, QuantizerEvidence
 from vqdoctor.sources import Observation
 

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vqdoctor.live.store import FP_BLOCKS, records_frame
 from vqdoctor.metrics import usage as U
 from vqdoctor.metrics.constants import MIN_HITS_PER_CODE
-from vqdoctor.report.model import QuantizerReport, QuantizerSeries, ReportSeries
-from vqdoctor.report.series import (
+from vqdoctor.results.model import QuantizerReport, QuantizerSeries, ReportSeries
+from vqdoctor.results.series import (
     CHART_METRICS,
     RUN_METRICS,
     head_usage_from_counts,
@@ -36,7 +37,6 @@ from vqdoctor.report.series import (
 )
 from vqdoctor.rules.base import Evidence, QuantizerEvidence
 from vqdoctor.sources import Observation
-from vqdoctor.watch.store import FP_BLOCKS, records_frame
 
 # per-step values that are totals over ranks; every other column is averaged
 SUM_OVER_RANKS = {"tokens", "nonfinite_input", "nonfinite_output", "nonfinite_buffers", "nonfinite_grad",
@@ -308,7 +308,7 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
 
 def observe_run(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], paths: list[str], *,
                 window: int | None = None) -> Observation:
-    """What a run's records show (the run directory read by `watch.store.load_records`, or a tail).
+    """What a run's records show (the run directory read by `live.store.load_records`, or a tail).
 
     Args:
         meta: meta.json.

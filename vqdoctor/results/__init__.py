@@ -1,6 +1,6 @@
 """Report model and output formats."""
 
-from vqdoctor.report.model import (
+from vqdoctor.results.model import (
     SCHEMA_VERSION,
     QuantizerReport,
     QuantizerSeries,

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vqdoctor.live.alerts import Alert, by_step, merge
+from vqdoctor.live.store import StoreTail
 from vqdoctor.numbers import as_float, fmt_compact
-from vqdoctor.watch.alerts import Alert, by_step, merge
-from vqdoctor.watch.store import StoreTail
 
 # Steps of records the panel's rules judge: a bound on each check's cost (as the Doctor's alerts).
 HISTORY_STEPS = 10_000

@@ -2,8 +2,8 @@
 
 Besides the ranked findings a report carries what its charts need (`ReportSeries`: metrics
 over steps, the rank-frequency curve, code-norm histograms, per-head usage) and, per quantizer,
-published reference values; both are collected by `vqdoctor.report.series` and
-`vqdoctor.report.reference` when the report is built, so a format never reads anything.
+published reference values; both are collected by `vqdoctor.results.series` and
+`vqdoctor.results.reference` when the report is built, so a format never reads anything.
 """
 
 from __future__ import annotations

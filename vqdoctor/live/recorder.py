@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from vqdoctor.live.arena import GN_CB, GN_ENC, LOSS, NF_GRAD, Arena, Clock
+from vqdoctor.live.discovery import LiveQuantizer, ModuleIndex, contains_compiled
+from vqdoctor.live.flush import QuantizerInterval, QuantizerTrack, RunInterval, interval_records
+from vqdoctor.live.outputs import dynamo_disable, is_compiling
+from vqdoctor.live.probe import ProbeContext, QuantizerProbe
+from vqdoctor.live.store import RunStore, WatchWarning
 from vqdoctor.metrics import usage as U
-from vqdoctor.watch.arena import GN_CB, GN_ENC, LOSS, NF_GRAD, Arena, Clock
-from vqdoctor.watch.flush import QuantizerInterval, QuantizerTrack, RunInterval, interval_records
-from vqdoctor.watch.live import LiveQuantizer, ModuleIndex, contains_compiled
-from vqdoctor.watch.outputs import dynamo_disable, is_compiling
-from vqdoctor.watch.probe import ProbeContext, QuantizerProbe
-from vqdoctor.watch.store import RunStore, WatchWarning
 
 
 class Recorder:

@@ -1,7 +1,7 @@
 """Zero-code watching: `vqdoctor watch -- CMD ARGS...` runs an unmodified training command watched.
 
 ```python
-from vqdoctor.watch.launcher import run_watched
+from vqdoctor.live.launcher import run_watched
 run = run_watched(["python", "train.py", "--lr", "3e-4"], "runs/vq")
 run.exit_code, run.report.diagnosis      # the command's exit status, the ranked report
 ```
@@ -12,7 +12,7 @@ runs (`vqdoctor.cli.panel`; it tails the run directory), forwards SIGINT/SIGTERM
 completes `meta.json` (`exit_code`; status `failed` on a non-zero exit) and computes the report
 from the run directory alone. The command's stdin/stdout/stderr are its own (inherited).
 
-- `PYTHONPATH` gets `vqdoctor/watch/_boot` in front, so every Python interpreter of the command
+- `PYTHONPATH` gets `vqdoctor/live/_boot` in front, so every Python interpreter of the command
   (the script, `python -m pkg.train`, `torchrun` and each of its workers, subprocesses) runs
   vqdoctor's `sitecustomize.py` at start-up (which first runs the `sitecustomize` it shadows);
 - `VQDOCTOR_WATCH` holds the configuration as JSON: run directory (absolute), cadences, the
@@ -23,7 +23,7 @@ been imported, never before, so a program that never imports torch is not touche
 
 1. global `register_module_forward_pre_hook` / `register_module_forward_hook` (always called)
    track the call depth; a module called at depth 0 is a *root*. At the first forward of a root
-   that holds quantizers (`vqdoctor.watch.live.find_quantizers`; DDP / DataParallel /
+   that holds quantizers (`vqdoctor.live.discovery.find_quantizers`; DDP / DataParallel /
    `torch.compile` wrappers are looked through) a `Doctor` starts on it, before its forward
    runs, so the first step is recorded. Both global hooks are then removed (they cost a Python
    call per module call while armed). Roots without quantizers (a loss module, an encoder
@@ -66,8 +66,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vqdoctor.errors import InputError
-from vqdoctor.watch.follow import WatchPanel
-from vqdoctor.watch.store import (
+from vqdoctor.live.follow import WatchPanel
+from vqdoctor.live.store import (
     META,
     SCHEMA_VERSION,
     now_iso,
@@ -77,8 +77,8 @@ from vqdoctor.watch.store import (
 )
 
 if TYPE_CHECKING:
-    from vqdoctor.report.model import Report
-    from vqdoctor.watch.alerts import Alert
+    from vqdoctor.live.alerts import Alert
+    from vqdoctor.results.model import Report
 
 ENV_CONFIG = "VQDOCTOR_WATCH"
 """Environment variable carrying the watch configuration (JSON) to the child interpreters."""
@@ -628,7 +628,7 @@ class _Agent:
             return
         if not self._eligible():
             return
-        from vqdoctor.watch.live import find_quantizers
+        from vqdoctor.live.discovery import find_quantizers
 
         found = find_quantizers(root)
         if not found:
@@ -641,7 +641,7 @@ class _Agent:
 
     def _attach(self, root: Any, found: list[Any]) -> None:
         from vqdoctor.errors import ConfigError
-        from vqdoctor.watch import watch
+        from vqdoctor.live.doctor import watch
 
         c = self.config
         kwargs = {"flush_every": int(c.get("flush_every") or 50), "stats_every": int(c.get("stats_every") or 10),
@@ -723,7 +723,7 @@ def _watched_already(module: Any) -> bool:
     vqdoctor.watch itself)."""
     for hooks in (getattr(module, "_forward_hooks", {}), getattr(module, "_forward_pre_hooks", {})):
         for fn in list(hooks.values()):
-            if getattr(fn, "__module__", "") == "vqdoctor.watch.recorder":
+            if getattr(fn, "__module__", "") == "vqdoctor.live.recorder":
                 return True
     return False
 

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from vqdoctor.metrics import device as MD
-from vqdoctor.watch.arena import (
+from vqdoctor.live.arena import (
     BLOWUP_N,
     CODE_MAX,
     CODE_NORM,
@@ -54,9 +53,10 @@ from vqdoctor.watch.arena import (
     bits,
     scalar,
 )
-from vqdoctor.watch.live import LiveQuantizer
-from vqdoctor.watch.outputs import OutputReader, functional_projection
-from vqdoctor.watch.store import FP_BLOCKS
+from vqdoctor.live.discovery import LiveQuantizer
+from vqdoctor.live.outputs import OutputReader, functional_projection
+from vqdoctor.live.store import FP_BLOCKS
+from vqdoctor.metrics import device as MD
 
 # Fingerprint (world size > 1): codebook rows sampled at fixed positions, and FP_BLOCKS block sums.
 FP_ROWS = 8

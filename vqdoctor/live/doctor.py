@@ -10,10 +10,10 @@ report = doctor.report()                # or vqdoctor.report("runs/vq") later, o
 df = vqdoctor.load_run("runs/vq")       # per-step metrics as a DataFrame
 ```
 
-The module itself is callable (`vqdoctor.watch(model, ...)` is `vqdoctor.watch.watch`), so the
-package and the function can share the name. Internals: `live` (finding quantizers), `hooks`
-(the recorder), `store` (the run directory and its schema), `report` (diagnosis from a store),
-`stats` (host-side arithmetic).
+`vqdoctor.watch` is `watch` here. The rest of the package: `discovery` (finding quantizers),
+`recorder` (hooks and the step clock) over `probe` / `arena` / `outputs` / `flush`, `store` (the
+run directory and its one reader), `follow` (the live alerts of a run being recorded),
+`launcher` (zero-code attach), `alerts`.
 
 torch.compile: hooks run outside compiled graphs (`torch._dynamo.disable`, or the outermost
 `OptimizedModule` of a compiled quantizer), so a compiled model graph-breaks around each
@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vqdoctor.errors import NoQuantizerError
-from vqdoctor.watch.alerts import Alert, by_step, merge
-from vqdoctor.watch.store import (
+from vqdoctor.live.alerts import Alert, by_step, merge
+from vqdoctor.live.store import (
     SCHEMA_VERSION,
     RunStore,
     StoreTail,
@@ -45,20 +43,7 @@ from vqdoctor.watch.store import (
 )
 
 if TYPE_CHECKING:
-    from vqdoctor.watch.live import LiveQuantizer
-
-# torch and the live-module machinery load on first use: `vqdoctor report` / `watch RUN_DIR` /
-# `gate RUN_DIR` parents read stores only and should not pay for importing torch.
-_LAZY = {"LiveSpec": "vqdoctor.watch.live", "register_adapter": "vqdoctor.watch.live",
-         "LiveQuantizer": "vqdoctor.watch.live"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from vqdoctor.live.discovery import LiveQuantizer
 
 DEFAULT_ROOT = "vqdoctor-runs"
 # Steps of records the live alerts judge (twice the longest automatic usage window): enough for
@@ -165,8 +150,8 @@ class Doctor:
         """
         if self.started:
             return self
-        from vqdoctor.watch.live import find_quantizers
-        from vqdoctor.watch.recorder import Recorder
+        from vqdoctor.live.discovery import find_quantizers
+        from vqdoctor.live.recorder import Recorder
 
         events: list[dict[str, Any]] = []
         try:
@@ -263,7 +248,7 @@ class Doctor:
                         cluster_size=None if n is None else n.detach().float().cpu().clone(),
                         embed_avg=None, optimizer=None, initted=_live_initted(q))
                 m = codebook_metrics(st)
-                from vqdoctor.report.series import code_norm_record  # the report's norm histogram
+                from vqdoctor.results.series import code_norm_record  # the report's norm histogram
 
                 out.append({"t": "codebook", "step": rec.step, "q": q.name, **m, **code_norm_record(st.codebook)})
                 d = dict(next((x for x in self.store.meta["quantizers"] if x.get("name") == q.name), {}))
@@ -349,7 +334,7 @@ class Doctor:
         return meta or dict(self.store.meta), streams
 
     def report(self, thresholds: dict[str, dict[str, Any]] | None = None):
-        """Flush, then the ranked diagnosis of everything recorded so far (`vqdoctor.report.Report`)."""
+        """Flush, then the ranked diagnosis of everything recorded so far (`vqdoctor.results.Report`)."""
         from vqdoctor.diagnosis import report_records as build_report
 
         self.flush()
@@ -453,21 +438,4 @@ def watch(model: Any, run_dir: str | os.PathLike[str] | None = None, *, flush_ev
                   on_flush=on_flush, command=command, exporters=exporters)
 
 
-def report(run_dir: str | os.PathLike[str], thresholds: dict[str, dict[str, Any]] | None = None):
-    """Ranked diagnosis of a recorded run (`vqdoctor.diagnosis.report_run`)."""
-    from vqdoctor.diagnosis import report_run
-
-    return report_run(run_dir, thresholds)
-
-
-class _CallableModule(types.ModuleType):
-    """`vqdoctor.watch(...)` works although `vqdoctor.watch` is this package."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Doctor:
-        return watch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-__all__ = ["COMPILE_NOTES", "Alert", "Doctor", "LiveSpec", "WatchWarning", "default_run_dir", "load_run",
-           "register_adapter", "report", "watch"]
+__all__ = ["COMPILE_NOTES", "Alert", "Doctor", "WatchWarning", "default_run_dir", "load_run", "watch"]

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vqdoctor.metrics import usage as U
-from vqdoctor.watch.arena import (
+from vqdoctor.live.arena import (
     BLOWUP_N,
     CODE_MAX,
     CODE_NORM,
@@ -49,6 +48,7 @@ from vqdoctor.watch.arena import (
     Z_NORM,
     Z_SPREAD,
 )
+from vqdoctor.metrics import usage as U
 
 STEP_NAMES = ("tokens", "perplexity", "perplexity_fraction", "entropy_norm", "top1_share")
 """Per-step batch usage metrics of a step record."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vqdoctor.errors import ConfigError, InputError
-from vqdoctor.report.model import Report
+from vqdoctor.results.model import Report
 
 MAX_LINES = 8
 MARK_COLOR = {"error": "#dc2626", "warning": "#d97706"}

@@ -7,7 +7,7 @@ end-of-run `codebook` record, the run-wide loss and gradient norms;
 counts, code norms from the codebook) with the pieces here, into one `ReportSeries`.
 
 `with_series(report, series)` returns the report carrying them, with each quantizer's published
-reference values (`vqdoctor.report.reference`). Formats then draw from the report alone: they
+reference values (`vqdoctor.results.reference`). Formats then draw from the report alone: they
 never read files or import torch. The series are thinned (`MAX_POINTS` steps, `MAX_RANKS` ranks on
 a log scale) so a long run's report stays small.
 """
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vqdoctor.metrics import usage as U
-from vqdoctor.report.model import Report, ReportSeries
-from vqdoctor.report.reference import reference_for
+from vqdoctor.results.model import Report, ReportSeries
+from vqdoctor.results.reference import reference_for
 
 if TYPE_CHECKING:
     import torch
