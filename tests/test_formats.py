@@ -247,7 +247,7 @@ def test_text_color_ignores_no_color_env(monkeypatch: pytest.MonkeyPatch) -> Non
 
 # --- json ------------------------------------------------------------------------------------
 
-TOP_KEYS = {"schema_version", "tool", "source", "verdict", "quantizers", "findings", "errors"}
+TOP_KEYS = {"schema_version", "tool", "source", "verdict", "quantizers", "findings", "errors", "complete"}
 FINDING_KEYS = {"id", "code", "severity", "confidence", "quantizer", "step", "message",
                 "evidence", "fix", "caused_by"}
 

@@ -105,7 +105,7 @@ def test_count_mass_matches_world_size_or_replacement_is_silent():
 
 
 def test_several_sub_causes_in_one_finding_worst_first():
-    q = qev({"blowup_rows": 7.0, "blowup_ratio": 9.9e4, "ema_lowp": 1.0})
+    q = qev({"blowup_rows": 40.0, "blowup_ratio": 9.9e4, "ema_lowp": 1.0})
     f = one(RULE, checkpoint(q))
     assert f.severity == "error"
     assert f.evidence["sub_causes"] == ["blowup", "lowp"]
@@ -180,3 +180,25 @@ def test_rows_divided_by_a_zero_count_name_the_missing_smoothing():
     e, n, m = ema_step(cb, z, counts=torch.ones(32), sums=cb.clone())
     assert int((~torch.isfinite(e).all(1)).sum()) >= 1
     assert measured(state(e, counts=n, sums=m)).metrics["nonfinite_rows_zero_count"] == 0.0
+
+
+def test_a_few_blown_rows_are_a_warning_and_one_that_faded_is_not_reported():
+    # 7 of 512 rows blown up 1e5x (zero-init signature): a defect, not a broken run
+    few = one(RULE, checkpoint(qev({"blowup_rows": 7.0, "blowup_ratio": 9.9e4})))
+    assert few.severity == "warning" and few.evidence["sub_causes"] == ["blowup"]
+    # one row blown up at step 0 that faded, while a third of the codes stay unused (healthy-imperfect)
+    steps = list(range(0, 150, 5))
+    ratio = [2e4] * 6 + [3.0] * 24
+    rows = [1.0] * 6 + [0.0] * 24
+    q = qev(series=frame(steps, blowup_ratio=ratio, blowup_rows=rows, dead_fraction=[0.35] * 30))
+    assert check(RULE, run(q)) == []
+    assert check(RULE, run(q), blowup_rows_share=0.0)  # without the share it would be reported
+
+
+def test_zero_initialised_counts_are_safe_under_the_eps_blend_rule():
+    t = np.arange(1, 51)
+    ratio = 1 - 0.8 ** t  # vector-quantize-pytorch >= 1.34: counts from zero, nothing divided by ~0
+    q = qev(series=frame(list(t), ema_count_sum_to_tokens=list(ratio)))
+    q.ema_rule = "eps-blend"
+    assert check(RULE, run(q)) == []
+

@@ -114,6 +114,8 @@ class QuantizerInterval:
         stats: `[n, NST]` cadence statistics (NaN: not measured).
         evalmut: `[n, NEVM]` eval-mutation counters.
         host_evalmut: step -> eval mutations seen on the host (buffers re-registered).
+        forwards: step -> training forwards whose indices were counted (several under gradient
+            accumulation: the EMA statistics were updated once per forward).
         cadence_steps: the steps whose stats rows were written.
         dsteps: cadence step -> steps since the previous codebook snapshot.
         fingerprints: `[n, fp]` codebook fingerprints (None: single rank).
@@ -135,6 +137,7 @@ class QuantizerInterval:
     stats: np.ndarray
     evalmut: np.ndarray
     host_evalmut: dict[int, int]
+    forwards: dict[int, int]
     cadence_steps: set[int]
     dsteps: dict[int, int]
     fingerprints: np.ndarray | None = None
@@ -184,6 +187,8 @@ def interval_records(run: RunInterval, quantizers: list[tuple[QuantizerInterval,
             rec: dict[str, Any] = {"t": "step", "step": s, "q": q.name}
             if sm["tokens"][j] > 0:
                 rec.update({k: float(sm[k][j]) for k in STEP_NAMES})
+                if q.forwards.get(s, 1) > 1:
+                    rec["forwards"] = q.forwards[s]
                 rec.update({k: float(wm[k][j]) for k in U.WINDOW_NAMES})
                 rec["window_steps"] = window
             if s in q.cadence_steps:
@@ -271,9 +276,10 @@ def cadence_metrics(q: QuantizerInterval, st: np.ndarray, counts: np.ndarray, s:
     cs = float(st[COUNT_SUM])
     if not math.isnan(cs):
         m["count_total"] = cs / max(1, q.state_heads)
-        total_idx = float(counts.sum())
-        if total_idx > 0:
-            m["ema_count_sum_to_tokens"] = cs / total_idx
+        # the EMA statistics follow the tokens of one update (one forward), not of the whole step
+        per_forward = float(counts.sum()) / max(1, q.forwards.get(s, 1))
+        if per_forward > 0:
+            m["ema_count_sum_to_tokens"] = cs / per_forward
     m.update(_straight_through(q, st, encoder_learns))
     return m
 

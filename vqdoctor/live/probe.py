@@ -128,6 +128,7 @@ class QuantizerProbe:
         self.cadence_steps: set[int] = set()
         self.cadence_seen = False
         self.host_evalmut: dict[int, int] = {}
+        self.forwards: dict[int, int] = {}      # step -> training forwards counted (host ints)
         self.eval_before: tuple[list, list[torch.Tensor | None]] | None = None
         self.offsets: torch.Tensor | None = None
         self.tensor_handles: list[Any] = []
@@ -182,6 +183,9 @@ class QuantizerProbe:
         """
         ctx = self.ctx
         idx = self.reader.indices(output, args, kwargs)
+        if idx is not None:  # gradient accumulation: several forwards (EMA updates) per step
+            step = ctx.clock.step
+            self.forwards[step] = self.forwards.get(step, 0) + 1
         if idx is None:
             return
         if idx.device != ctx.device:

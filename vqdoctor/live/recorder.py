@@ -547,7 +547,7 @@ class Recorder:
                 state_heads=max(1, p.q.state.heads), replaces=p.q.replaces, st_code_space=p.st_code_space,
                 codebook_numel=int(cb.numel()) if cb is not None else 0, counts=counts_of[p.i],
                 stats=view(self.arena.stats[p.i])[:n], evalmut=view(self.arena.evalmut[p.i])[:n],
-                host_evalmut=p.host_evalmut, cadence_steps=p.cadence_steps, dsteps=p.dsteps,
+                host_evalmut=p.host_evalmut, forwards=p.forwards, cadence_steps=p.cadence_steps, dsteps=p.dsteps,
                 fingerprints=view(self.arena.fp[p.i])[:n] if p.fp_size else None, fp_rows=p.fp_rows,
                 codebook_in_optimizer=in_opt), track))
         run = RunInterval(first, view(self.arena.run)[:n], self._loss_host, self._loss_dev_steps)
@@ -555,5 +555,6 @@ class Recorder:
         for p in self.probes:  # what the probes noted for the steps just recorded is done
             p.cadence_steps = {s for s in p.cadence_steps if s >= first + n}
             p.host_evalmut = {k: v for k, v in p.host_evalmut.items() if k >= first + n}
+            p.forwards = {k: v for k, v in p.forwards.items() if k >= first + n}
             p.dsteps = {k: v for k, v in p.dsteps.items() if k >= first + n}
         return out

@@ -119,11 +119,12 @@ DRIFT = {
 }
 
 RUN = {
-    "tokens": "vectors quantized per step",
+    "tokens": "vectors quantized per step (all its training forwards)",
+    "forwards": "training forwards of the quantizer in the step, when more than one (gradient accumulation)",
     "usage_window": "fraction of K hit in the last W steps",
     "window_tokens": "vectors quantized over the usage window (the n behind usage_window; < 4K cannot hit every code)",
     "entropy_norm_window": "H / log K of assignments over the last W steps",
-    "ema_count_sum_to_tokens": "sum of EMA counts / tokens per step",
+    "ema_count_sum_to_tokens": "sum of EMA counts / tokens per training forward (per EMA update)",
     "codes_replaced": "codes replaced per step (dead-code revival); run: rows replaced in the cadence step's "
                       "training forward: moved by more than 0.5 x code_norm_median, or moved while their EMA count "
                       "rose above both its previous value and the step's hits (a reset, not an average)",

@@ -159,6 +159,10 @@ class Report:
         """One line for stderr, e.g. "failing: 2 errors, 1 warning in 3 quantizers (scale-mismatch)"."""
         e, w = self.count("error"), self.count("warning")
         nq = len(self.quantizers)
+        if e == w == 0 and self.errors:
+            n = len(self.errors)
+            return (f"incomplete: no problems found, but {n} check{'s' * (n != 1)} could not run "
+                    f"({_one_line(self.errors[0])})")
         if e == w == 0:
             return f"healthy: no problems found in {nq} quantizer{'s' * (nq != 1)}"
         parts = [f"{e} error{'s' * (e != 1)}", f"{w} warning{'s' * (w != 1)}"]
@@ -176,7 +180,14 @@ class Report:
             "quantizers": [q.to_dict() for q in self.quantizers],
             "findings": [f.to_dict() for f in self.findings],
             "errors": json_value(self.errors),
+            "complete": not self.errors,
         }
         if self.series is not None:
             out["series"] = self.series.to_dict()
         return out
+
+
+def _one_line(error: dict[str, Any]) -> str:
+    """The message of an error entry, shortened for a summary line."""
+    msg = " ".join(str(error.get("message", "")).split())
+    return msg if len(msg) <= 120 else msg[:117] + "..."

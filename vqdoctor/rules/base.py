@@ -93,7 +93,8 @@ class QuantizerEvidence:
     """What the rules may look at for one quantizer.
 
     Attributes:
-        name, kind, library, codebook_size, dim, heads, group, stage, metric: identity (see QuantizerState).
+        name, kind, library, codebook_size, dim, heads, group, stage, metric, ema_rule: identity
+            (see QuantizerState; ema_rule None: the library's Laplace-smoothed EMA, if any).
         metrics: scalar measurements by name (`vqdoctor.metrics.names`); a missing name means
             "not measured", and a rule that needs it stays silent.
         series: per-step measurements (run mode): a DataFrame indexed by step, one column per
@@ -110,6 +111,7 @@ class QuantizerEvidence:
     group: str | None = None
     stage: int | None = None
     metric: str = "euclidean"
+    ema_rule: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     series: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)

@@ -29,7 +29,7 @@ def evidence_from_states(states: list[QuantizerState], metrics: dict[str, dict[s
     """Evidence for the rules from discovered quantizers and their measured metrics."""
     qs = [QuantizerEvidence(name=s.name, kind=s.kind, library=s.library,
                             codebook_size=s.codebook_size, dim=s.dim, heads=s.heads,
-                            group=s.group, stage=s.stage, metric=s.metric,
+                            group=s.group, stage=s.stage, metric=s.metric, ema_rule=s.ema_rule,
                             metrics=metrics[s.name], notes=list(s.notes)) for s in states]
     return Evidence(source_kind="checkpoint", quantizers=qs)
 

@@ -288,7 +288,7 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
             name=name, kind=str(info.get("kind", "vq")), library=str(info.get("library", "unknown")),
             codebook_size=int(info.get("codebook_size") or 0), dim=int(info.get("dim") or 0),
             heads=int(info.get("heads") or 1), group=info.get("group"), stage=info.get("stage"),
-            metric=str(info.get("metric", "euclidean")), metrics=metrics,
+            metric=str(info.get("metric", "euclidean")), ema_rule=info.get("ema_rule"), metrics=metrics,
             series=series.sort_index() if len(series.columns) else None, notes=notes.get(name, [])))
     run_rows = df[df["quantizer"] == ""] if len(df) else df
     run_series = _aggregate(run_rows) if len(run_rows) else None
@@ -321,6 +321,7 @@ def observe_run(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], 
     errors = [{"where": "watch", "step": r.get("step"), "message": str(r.get("message", ""))}
               for recs in streams.values() for r in recs
               if r.get("t") == "event" and r.get("level") == "error"]
+    errors += _unobserved(infos, streams, meta)
     by_name = {q.name: q for q in ev.quantizers}
     notes = []
     reports = []
@@ -341,6 +342,31 @@ def observe_run(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]], 
         source["window"] = {"steps": window, "note": "; ".join(notes)}
     return Observation(evidence=ev, quantizers=reports, source=source, errors=errors,
                        series=run_series(infos, streams))
+
+
+def _unobserved(infos: list[dict[str, Any]], streams: dict[int, list[dict[str, Any]]],
+                meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Error entries for what the run never showed: no quantizer at all, or a quantizer never seen
+    in a training forward (no step record with code counts). Without them a report would read
+    "healthy" for want of evidence; with them it is incomplete (exit 2 unless findings say 1)."""
+    seen = {str(r.get("q")) for recs in streams.values() for r in recs
+            if r.get("t") == "step" and (r.get("tokens") or 0) > 0}
+    kinds = {str(r.get("t")) for recs in streams.values() for r in recs}
+    recorded = ", ".join(sorted(kinds)) or "nothing"
+    if not infos:
+        return [{"where": "watch", "message": "no quantizer was found in the watched model, so no code "
+                 "usage was measured (name it with quantizers=[...] or register an adapter)"}]
+    out = []
+    for info in infos:
+        name = str(info["name"])
+        if name in seen:
+            continue
+        out.append({"where": "watch", "quantizer": name, "message": (
+            f"quantizer {name or '(root)'} was never seen in a training forward (train mode, grad "
+            f"enabled): no per-step code counts were recorded (records: {recorded}), so its usage "
+            f"over the run was not measured" + (" (the run is still being recorded)"
+                                                if meta.get("status") == "running" else ""))})
+    return out
 
 
 def run_series(infos: list[dict[str, Any]], streams: dict[int, list[dict[str, Any]]]) -> ReportSeries:
