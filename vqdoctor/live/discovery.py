@@ -565,6 +565,15 @@ def find_quantizers(model: nn.Module, quantizers: Sequence[str | nn.Module] | No
         if lq is not None and lq.name not in out:
             out[lq.name] = lq
 
+    # 2b. known quantizer classes under names the layouts do not expect (e.g. a root module)
+    from vqdoctor.live.behaviour import by_class
+
+    for s in by_class(index, [*out, *custom]):
+        if not named or any(_under(s.name, n) or _under(n, s.name) for n in named):
+            lq = _from_state(index, s, raw_of)
+            if lq is not None and lq.name not in out:
+                out[lq.name] = lq
+
     # 3. class-based detection of FSQ / LFQ
     for clean, m in index.clean_to_module.items():
         if clean in out or any(_under(clean, c) for c in custom):
@@ -575,8 +584,18 @@ def find_quantizers(model: nn.Module, quantizers: Sequence[str | nn.Module] | No
 
     found = list(out.values())
     if named:
+        from vqdoctor.live.behaviour import table_quantizer
+
         found = [q for q in found if any(_under(q.name, n) for n in named)]
         for n in named:
+            if any(_under(q.name, n) for q in found):
+                continue
+            # a module the user (or the behaviour test) names, in no known layout: its own table
+            m = index.clean_to_module.get(n)
+            lq = table_quantizer(n, m, index.innermost(n)) if m is not None else None
+            if lq is not None:
+                found.append(lq)
+                continue
             if not any(_under(q.name, n) for q in found):
                 raise NoQuantizerError(f"no quantizer found at {n!r}",
                                        hint="name a module path of the model (see model.named_modules()), "

@@ -136,6 +136,7 @@ class Doctor:
         self._alerts: dict[tuple[str, str | None], Alert] = {}
         self._alerts_at = -1
         self._tail: StoreTail | None = None
+        self._behaviour_handles: list[Any] = []
         self.started = False
         self.closed = False
 
@@ -151,7 +152,6 @@ class Doctor:
         if self.started:
             return self
         from vqdoctor.live.discovery import find_quantizers
-        from vqdoctor.live.recorder import Recorder
 
         events: list[dict[str, Any]] = []
         try:
@@ -163,11 +163,22 @@ class Doctor:
             msg = f"vqdoctor: quantizer discovery failed ({type(e).__name__}: {e}); watching run-wide signals only"
             warnings.warn(msg, WatchWarning, stacklevel=2)
             events.append({"t": "event", "step": self.config["start_step"], "level": "error", "message": msg})
-        if not self.quantizers:
+        if not self.quantizers and not self._named and self._watch_behaviour():
+            events.append({"t": "event", "step": self.config["start_step"], "level": "info",
+                           "message": "no quantizer found by layout; modules holding a [K, D] table are "
+                                      "watched for code indices in their first forward"})
+        elif not self.quantizers:
             msg = ("vqdoctor: no quantizer found in the model; watching run-wide signals only "
                    "(name one with quantizers=[...] or vqdoctor.register_adapter)")
             warnings.warn(msg, WatchWarning, stacklevel=2)
             events.append({"t": "event", "step": self.config["start_step"], "level": "warning", "message": msg})
+        self._begin(events)
+        return self
+
+    def _begin(self, events: list[dict[str, Any]]) -> None:
+        """Describe the quantizers, write the session's start, attach a recorder over them."""
+        from vqdoctor.live.recorder import Recorder
+
         described = []
         for q in self.quantizers:
             d = q.describe()
@@ -188,7 +199,52 @@ class Doctor:
         rec.attach()
         self._recorder = rec
         self.started = True
-        return self
+
+    def _watch_behaviour(self) -> bool:
+        """Hook the candidate modules (`live.behaviour`) until one shows it is a quantizer: its
+        forward returns indices into its own table. Then the watch starts over with it (at the
+        first forward: nothing recorded is lost but that forward's counts). False: no candidate."""
+        from vqdoctor.live.behaviour import candidates, confirms
+        from vqdoctor.live.discovery import ModuleIndex
+
+        index = ModuleIndex(self.model)
+        found = candidates(index, [])
+        handles: list[Any] = []
+
+        def make(name: str, module: Any) -> Any:
+            def hook(m: Any, args: Any, output: Any) -> None:
+                try:
+                    if self.closed or any(q.name == name for q in self.quantizers) or not confirms(
+                            index.innermost(name) or m, output):
+                        return
+                    for h in handles:
+                        h.remove()
+                    self._adopt(name)
+                except Exception as e:  # never let discovery break the training
+                    for h in handles:
+                        h.remove()
+                    warnings.warn(f"vqdoctor: behaviour discovery failed ({type(e).__name__}: {e})",
+                                  WatchWarning, stacklevel=2)
+            return hook
+
+        for name, module in found:
+            handles.append(module.register_forward_hook(make(name, module)))
+        self._behaviour_handles = handles
+        return bool(found)
+
+    def _adopt(self, name: str) -> None:
+        """Start the session over with the quantizer `name` found by behaviour."""
+        from vqdoctor.live.discovery import find_quantizers
+
+        old = self._recorder
+        self.quantizers = find_quantizers(self.model, [name])
+        for q in self.quantizers:
+            q.notes.append(f"found by behaviour: {name or '(root)'} returned indices into its own "
+                           "codebook table (no known layout or name says it)")
+        if old is not None:
+            old.detach()
+            old.closed = True
+        self._begin([])
 
     def close(self, status: str = "finished") -> None:
         """Detach every hook, flush what is left, write the end-of-run records and metadata.
@@ -200,6 +256,8 @@ class Doctor:
             self.closed = True
             return
         self.closed = True
+        for h in self._behaviour_handles:
+            h.remove()
         rec = self._recorder
         try:
             rec.detach()

@@ -632,6 +632,7 @@ class _Agent:
 
         found = find_quantizers(root)
         if not found:
+            self._watch_behaviour(root)
             return
         if any(_watched_already(q.module) for q in found):
             self._disarm()
@@ -639,13 +640,42 @@ class _Agent:
             return
         self._attach(root, found)
 
-    def _attach(self, root: Any, found: list[Any]) -> None:
+    def _watch_behaviour(self, root: Any) -> None:
+        """No known layout in this root: hook its candidate modules (`live.behaviour`); the first
+        whose forward returns indices into its own table is watched (its root is the model)."""
+        from vqdoctor.live.behaviour import candidates, confirms
+        from vqdoctor.live.discovery import ModuleIndex
+
+        index = ModuleIndex(root)
+        handles: list[Any] = []
+
+        def make(name: str) -> Any:
+            def hook(m: Any, args: Any, output: Any) -> None:
+                try:
+                    if self.doctor is not None or self.done:
+                        for h in handles:
+                            h.remove()
+                        return
+                    if confirms(index.innermost(name) or m, output):
+                        for h in handles:
+                            h.remove()
+                        self._attach(root, [], named=[name])
+                except Exception as e:
+                    for h in handles:
+                        h.remove()
+                    self._warn("behaviour", f"behaviour discovery failed ({type(e).__name__}: {e})")
+            return hook
+
+        for name, module in candidates(index, []):
+            handles.append(module.register_forward_hook(make(name)))
+
+    def _attach(self, root: Any, found: list[Any], named: list[str] | None = None) -> None:
         from vqdoctor.errors import ConfigError
         from vqdoctor.live.doctor import watch
 
         c = self.config
         kwargs = {"flush_every": int(c.get("flush_every") or 50), "stats_every": int(c.get("stats_every") or 10),
-                  "window": c.get("window"), "command": c.get("command")}
+                  "window": c.get("window"), "command": c.get("command"), "quantizers": named}
         try:
             doctor = watch(root, c["run_dir"], tensorboard=c.get("tensorboard"), wandb=c.get("wandb") or None,
                            **kwargs)

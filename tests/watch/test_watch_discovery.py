@@ -1,0 +1,141 @@
+"""Live discovery that does not depend on names: known classes anywhere, anything else by behaviour.
+
+Real loops call `encoder(x)`, `quantizer(z)` and `decoder(zq)` one after the other (the quantizer is
+then its own root, its keys carry no prefix) and name their quantizer `self.block2`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import vqdoctor
+from tests.fixtures.reference_taming import VectorQuantizer2
+from vqdoctor.live.discovery import find_quantizers
+
+K, D = 32, 8
+
+
+class Plain(nn.Module):
+    """A straight-through VQ with a neutral name and a neutral table attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(K, D))
+
+    def forward(self, z):
+        i = torch.cdist(z, self.table).argmin(-1)
+        q = self.table[i]
+        return z + (q - z).detach(), i, (q - z.detach()).pow(2).mean() + (q.detach() - z).pow(2).mean() * 0.25
+
+
+class Lookup(nn.Module):
+    """Owns a [K, D] table but returns floats only (an embedding layer of a decoder): not a quantizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(K, D)
+
+    def forward(self, x):
+        return x @ self.emb.weight.T
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.block2, self.head, self.dec = nn.Linear(4, D), Plain(), Lookup(), nn.Linear(D, 4)
+
+    def forward(self, x):
+        q, _, aux = self.block2(self.enc(x))
+        return self.dec(q) + 0 * self.head(q).sum(), aux
+
+
+def train(model: nn.Module, doctor, steps: int = 30) -> None:
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        x = torch.randn(64, 4)
+        y, aux = model(x)
+        loss = (y - x).pow(2).mean() + aux
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        doctor.step(loss=loss)
+
+
+def test_a_quantizer_with_neutral_names_is_found_by_behaviour(tmp_path) -> None:
+    model = Net()
+    assert find_quantizers(model) == []  # no layout says it
+    with vqdoctor.watch(model, tmp_path / "run", flush_every=10, stats_every=5) as doctor:
+        train(model, doctor)
+    report = vqdoctor.report(tmp_path / "run")
+    assert [(q.name, q.info["kind"], q.info["codebook_size"]) for q in report.quantizers] == [("block2", "vq", K)]
+    assert report.quantizers[0].metrics["perplexity"] > 1 and not report.errors
+    assert any("found by behaviour" in n for n in report.quantizers[0].notes)
+
+
+def test_a_module_that_returns_no_indices_is_not_taken(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(4, D), Lookup())
+    with vqdoctor.watch(model, tmp_path / "run", flush_every=10) as doctor:
+        for _ in range(3):
+            model(torch.randn(8, 4)).sum().backward()
+            doctor.step()
+    report = vqdoctor.report(tmp_path / "run")
+    assert report.quantizers == [] and report.errors  # and the report says nothing was measured
+    assert "no quantizer was found" in report.errors[0]["message"]
+    assert report.summary_line().startswith("incomplete")
+
+
+def test_a_named_custom_module_is_read_from_its_own_table() -> None:
+    model = Net()
+    [q] = find_quantizers(model, ["block2"])
+    assert (q.name, q.codebook_size, q.codebook().shape) == ("block2", K, (1, K, D))
+
+
+def test_known_classes_are_found_as_roots_and_under_any_name() -> None:
+    root = VectorQuantizer2(K, D)
+    holder = nn.Module()
+    holder.thing = VectorQuantizer2(K, D)
+    for model, name in ((root, ""), (holder, "thing")):
+        [q] = find_quantizers(model)
+        assert (q.name, q.state.kind, q.codebook_size) == (name, "vq", K)
+        assert q.state.library != "generic" and q.codebook() is not None
+
+
+SEPARATE = """
+import torch
+from torch import nn
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.watch.test_watch_discovery import Plain
+torch.manual_seed(0)
+enc, quant, dec = nn.Linear(4, 8), Plain(), nn.Linear(8, 4)
+opt = torch.optim.Adam([*enc.parameters(), *quant.parameters(), *dec.parameters()], 1e-2)
+for _ in range(40):
+    x = torch.randn(64, 4)
+    q, i, aux = quant(enc(x))          # three top-level calls: the quantizer is its own root
+    loss = (dec(q) - x).pow(2).mean() + aux
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_separate_top_level_calls_under_the_launcher(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SEPARATE)
+    repo = str(Path(__file__).resolve().parents[2])
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "watch", "--run-dir", str(tmp_path / "run"),
+                           "--no-panel", "--flush-every", "10", "--format", "json", "--output", str(out),
+                           "--", sys.executable, str(script), repo],
+                          capture_output=True, text=True, timeout=300)
+    assert out.exists(), proc.stderr
+    report = json.loads(out.read_text())
+    assert [(q["name"], q["codebook_size"]) for q in report["quantizers"]] == [("", K)], proc.stderr
+    assert report["complete"] and report["quantizers"][0]["metrics"]["tokens"] == pytest.approx(64)
