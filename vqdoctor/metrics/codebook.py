@@ -226,9 +226,19 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
         # other row would read as blown up by 1e10 or more. Zero-initialised counts inflate rows
         # by ~decay/eps (1e3-1e5 measured), so below NEAR_ZERO_REF x the median of all non-zero
         # rows there is no blow-up reference, and blowup_* stay unmeasured (as in `watch`).
+        # A blown-up row is one the data left: counts known, only rows used below their uniform
+        # share n/K count (a row far beyond the reference that the inputs keep choosing is where
+        # the data are, e.g. the few codes that moved from a tiny init to the data scale).
         if ref > 0 and ref >= NEAR_ZERO_REF * all_med:
-            out["blowup_rows"] = float((norms > BLOWUP_FACTOR * ref).sum())
-            out["blowup_ratio"] = float(norms.max()) / ref
+            big = all_norms > BLOWUP_FACTOR * ref
+            if with_usage:
+                c = torch.nan_to_num(usage.detach().to(torch.float64), nan=0.0, posinf=0.0).clamp_min(0.0)
+                idle = row_ok & (c < c.sum(-1, keepdim=True) / max(K, 1))
+                out["blowup_rows"] = float((big & idle).sum())
+                out["blowup_ratio"] = float(all_norms[idle].max()) / ref if bool(idle.any()) else 0.0
+            else:
+                out["blowup_rows"] = float((big & row_ok).sum())
+                out["blowup_ratio"] = float(norms.max()) / ref
         elif ref <= 0:
             out["blowup_rows"] = 0.0
         zero = int((norms < ZERO_REL * ref).sum()) if ref > 0 else int(norms.numel())

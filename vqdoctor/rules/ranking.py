@@ -125,8 +125,7 @@ def rank(findings: list[Finding], rules: dict[str, Rule],
     parent: dict[int, int] = {}
     options: dict[int, list[int]] = {}
     for i, f in enumerate(ordered):
-        if f.severity == Severity.INFO.value:
-            continue
+        # an info note (partial usage, say) is explained like any symptom, but never explains one
         candidates = [j for j, g in enumerate(ordered)
                       if j != i and g.severity != Severity.INFO.value
                       and _in_scope(g, f, groups, stages) and _causes(g, f, explains)]

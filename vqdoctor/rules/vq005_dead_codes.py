@@ -15,8 +15,11 @@ zero-initialised counts). Usage falls with code dimension and codebook size (Cel
 100% at dim 4-8, 56% at dim 64; 16% at K=2048). LaBraM #37 logged "Unused code in codebook: 8191".
 
 ## Signals and thresholds
-Fraction of dead codes `d`, `warning` from `warn_fraction` (0.25), `error` from
-`error_fraction` (0.5), from the first signal available:
+Fraction of dead codes `d`: `info` from `info_fraction` (0.25: partial usage, with the
+utilisation published models of this kind and size report, `results.reference`), `warning` from
+`warn_fraction` (0.7: most of the codebook wasted; converged models commonly leave 30-60% unused). Never `error`: a collapse to a handful of codes is
+index-collapse's (VQ006) error, and converged models run at partial usage (VQGAN at K = 65,536
+uses 1.4-4.5% of its codes, SimVQ Table 1). From the first signal available:
 - Run: `dead_fraction` series (EMA counts), else `1 - usage_window`; rows where `window_tokens`
   < `min_tokens_per_code` (4) x K are skipped (too few vectors to hit every code).
 - Checkpoint: the largest of `dead_fraction` (EMA counts below 0.01 x `count_expected`: the
@@ -83,8 +86,8 @@ GRADIENT_KINDS = ("vq", "gumbel")
 class Params:
     """Thresholds of VQ005."""
 
-    warn_fraction: float = 0.25
-    error_fraction: float = 0.5
+    info_fraction: float = 0.25
+    warn_fraction: float = 0.7
     min_tokens_per_code: float = 4.0
     stuck_bit_balance: float = 0.01
     sustain_steps: int = 3
@@ -119,7 +122,7 @@ def _dead(q: QuantizerEvidence, p: Params) -> tuple[str, float, int | None, floa
     """(source, dead fraction, onset step, confidence) from the best available signal."""
     if (run := _run_dead(q, p)) is not None:
         source, s = run
-        step = S.onset(s >= p.warn_fraction, p.sustain_steps) if len(s) else None
+        step = S.onset(s >= p.info_fraction, p.sustain_steps) if len(s) else None
         return None if step is None else (source, float(s.iloc[-1]), step, 0.9)
     # EMA counts (history), a probe (the current codebook on real inputs) and, for a
     # gradient-trained codebook, the rows two checkpoints show untouched can disagree; the worse
@@ -142,7 +145,7 @@ def _dead(q: QuantizerEvidence, p: Params) -> tuple[str, float, int | None, floa
     if not primary:
         return None
     d, conf, source = max(primary)
-    return (source, d, None, conf) if d >= p.warn_fraction else None
+    return (source, d, None, conf) if d >= p.info_fraction else None
 
 
 def _no_evidence(q: QuantizerEvidence, p: Params) -> Finding | None:
@@ -231,8 +234,35 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         first = q.m("dead_fraction_first")
         growth = (f", up from {first:.1%} in the first checkpoint"
                   if first is not None and source == "dead_fraction" and d > first else "")
+        ref = _published(q)
+        if ref:
+            evidence["published_utilization"] = ref
+        normal = (f"; published models of this kind and size use {_ref_text(ref)}" if ref else "")
+        if d < p.warn_fraction:  # partial usage: worth knowing, not a defect by itself
+            yield SPEC.finding(
+                severity=Severity.INFO, confidence=conf, quantizer=q.name, step=step,
+                message=f"{round(d * K):,}/{K:,} codes unused ({d:.1%}){why}{normal}",
+                evidence=evidence, fix=_fix(q))
+            continue
+        # dead codes waste capacity: a warning; a collapse to a handful of codes is index-collapse's error
         yield SPEC.finding(
-            severity=Severity.ERROR if d >= p.error_fraction else Severity.WARNING,
-            confidence=conf, quantizer=q.name, step=step,
-            message=f"{round(d * K):,}/{K:,} codes dead ({d:.1%}{growth}){why}",
+            severity=Severity.WARNING, confidence=conf, quantizer=q.name, step=step,
+            message=f"{round(d * K):,}/{K:,} codes dead ({d:.1%}{growth}){why}{normal}",
             evidence=evidence, fix=_fix(q))
+
+
+def _published(q: QuantizerEvidence) -> list[dict[str, Any]]:
+    """Published utilisation figures for this quantizer's kind and K (`results.reference`)."""
+    from vqdoctor.results.reference import reference_for
+
+    return [r for r in reference_for({"kind": q.kind, "codebook_size": q.codebook_size})
+            if r.get("codebook_size")]
+
+
+def _ref_text(refs: list[dict[str, Any]]) -> str:
+    """`"1.4% (VQGAN, K=65,536; SimVQ Table 1), ..."`: what the published models use."""
+    parts = []
+    for r in refs[:3]:
+        u = f"{r.get('qualifier', '')}{100 * r['utilization']:.3g}%"
+        parts.append(f"{u} ({r['model']}, K={r['codebook_size']:,}; {r['source'].split(',')[0]})")
+    return ", ".join(parts)
