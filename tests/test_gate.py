@@ -32,6 +32,8 @@ from vqdoctor.gate import (
 )
 
 SMOKE = Path(__file__).parents[1] / "examples" / "ci" / "smoke_train.py"
+# the usage floors are opt-in (the default gate fails on collapse, not on partial usage)
+USAGE = {"min_usage": 0.25, "max_dead_fraction": 0.5}
 
 
 def load_smoke() -> ModuleType:
@@ -183,12 +185,21 @@ def test_healthy_checkpoint_passes(trained: dict[str, Path]) -> None:
                                          "findings"}
     c = got[("quantizer", "min_perplexity")]
     assert c.status is Status.PASS and c.metric == "perplexity" and c.source == "EMA counts"
-    assert c.threshold == pytest.approx(0.05 * 64)
+    assert c.threshold == pytest.approx(2.0)  # 1% of 64 codes is less than the 2 of a collapse
+    assert got[("quantizer", "min_usage")].status is Status.SKIP  # opt-in
+    assert gate(trained["healthy"] / "checkpoint.pt", GateThresholds(**USAGE)).passed
+
+
+def test_the_default_gate_passes_partial_usage_and_fails_a_collapse() -> None:
+    floor = GateThresholds().min_perplexity
+    assert floor is not None and str(floor) == "1% (at least 2)"
+    assert floor.floor(64) == 2.0 and floor.floor(65536) == pytest.approx(655.36)
+    assert floor.floor(3) == 1.5  # never more than half of what a tiny measurement can reach
 
 
 def test_collapsed_checkpoint_fails_with_the_probe_as_source(trained: dict[str, Path]) -> None:
     d = trained["collapsed"]
-    result = gate(d / "checkpoint.pt", probe=d / "probe.pt")
+    result = gate(d / "checkpoint.pt", GateThresholds(**USAGE), probe=d / "probe.pt")
     assert result.outcome == "fail"
     got = checks(result)
     for name, metric in (("min_perplexity", "probe_perplexity"),
@@ -207,7 +218,7 @@ def test_a_small_probe_scales_the_thresholds(trained: dict[str, Path], tmp_path:
     # 16 vectors can hit at most ~14 of 64 codes: unscaled, usage >= 25% could never pass
     z = torch.load(trained["healthy"] / "probe.pt", weights_only=True)[:16]
     torch.save(z, tmp_path / "small.pt")
-    result = gate(trained["healthy"] / "checkpoint.pt", probe=tmp_path / "small.pt")
+    result = gate(trained["healthy"] / "checkpoint.pt", GateThresholds(**USAGE), probe=tmp_path / "small.pt")
     assert result.outcome == "pass", [c.message for c in result.failures]
     usage = checks(result)[("quantizer", "min_usage")]
     assert usage.metric == "probe_usage_fraction" and usage.value < 0.25
@@ -236,7 +247,7 @@ def test_pattern_override_on_a_two_quantizer_checkpoint(trained: dict[str, Path]
     th = resolve_thresholds({"fail_on": "never"}, {"quantizers": {"*.fine": lenient}})
     result = gate(tmp_path / "two.pt", th)
     assert result.outcome == "pass", [c.message for c in result.failures]
-    strict = gate(tmp_path / "two.pt", GateThresholds(fail_on="never"))
+    strict = gate(tmp_path / "two.pt", GateThresholds(fail_on="never", **USAGE))
     assert {c.quantizer for c in strict.failures} == {"vq.fine"}
     only = gate(tmp_path / "two.pt", GateThresholds(), quantizers=["*.coarse"])
     assert only.outcome == "pass" and {c.quantizer for c in only.checks} == {"vq.coarse"}
@@ -258,17 +269,17 @@ def test_healthy_run_passes_and_collapsed_run_fails(runs: dict[str, Path]) -> No
     assert checks(bad)[("quantizer", "min_perplexity")].status is Status.FAIL
     # the recorded window (100 steps: the whole run) still holds the steps before the collapse,
     # when most codes were hit; the last 40 steps do not
-    recent = checks(gate(runs["collapsed"], GateThresholds(window=40)))
+    recent = checks(gate(runs["collapsed"], GateThresholds(window=40, **USAGE)))
     for name in ("min_perplexity", "min_usage", "max_dead_fraction"):
         assert recent[("quantizer", name)].status is Status.FAIL, name
     assert recent[("quantizer", "min_usage")].metric == "usage_window"
 
 
 def test_run_window_aggregates_the_last_steps(runs: dict[str, Path]) -> None:
-    result = gate(runs["healthy"], GateThresholds(window=40))
+    result = gate(runs["healthy"], GateThresholds(window=40, **USAGE))
     c = checks(result)[("quantizer", "min_usage")]
     assert c.status is Status.PASS and "last 40 steps" in c.source
-    short = gate(runs["healthy"], GateThresholds(window=5))   # shorter than one interval
+    short = gate(runs["healthy"], GateThresholds(window=5, **USAGE))   # shorter than one interval
     assert "last 20 steps" in checks(short)[("quantizer", "min_usage")].source
     assert any("covers the last 20 steps" in n for n in short.notes)
 
@@ -377,7 +388,8 @@ def test_cli_github_appends_the_step_summary(runner: CliRunner, trained: dict[st
     summary = tmp_path / "summary.md"
     summary.write_text("# earlier step\n", encoding="utf-8")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    result = invoke(runner, trained["collapsed"] / "checkpoint.pt", "--format", "github")
+    result = invoke(runner, trained["collapsed"] / "checkpoint.pt", "--format", "github",
+                    "--min-usage", "0.25")
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
     assert lines[0].startswith("::error title=vqdoctor gate%3A quantizer min_perplexity::")
@@ -398,7 +410,7 @@ def test_nothing_measurable_is_exit_2_and_a_probe_fixes_it(runner: CliRunner,
     assert "--probe" in result.checks[0].message
     cli = invoke(runner, tmp_path / "no_counts.pt")
     assert cli.exit_code == 2 and "gate could not analyse" in cli.stderr
-    probed = gate(tmp_path / "no_counts.pt", probe=trained["healthy"] / "probe.pt")
+    probed = gate(tmp_path / "no_counts.pt", GateThresholds(**USAGE), probe=trained["healthy"] / "probe.pt")
     assert probed.outcome == "pass"
     assert {c.metric for c in probed.checks if c.status is Status.PASS} >= {
         "probe_perplexity", "probe_usage_fraction", "probe_dead_fraction"}

@@ -79,7 +79,7 @@ def test_the_same_counts_give_the_same_numbers_on_every_path(tmp_path) -> None:
     run = vqdoctor.report(tmp_path / "run")
     rm = run.quantizers[0].metrics
     # 3. the gate's window over that run
-    result = gate(tmp_path / "run", GateThresholds(window=STEPS))
+    result = gate(tmp_path / "run", GateThresholds(window=STEPS, min_usage=0.25, max_dead_fraction=0.5))
     values = {c.name: c.value for c in result.checks if c.quantizer is not None}
 
     expected = {k: float(v) for k, v in U.usage_metrics(counts[None]).items()}

@@ -229,19 +229,29 @@ class PerplexityFloor:
     Attributes:
         value: the floor (absolute), or the share of reachable codes in (0, 1] (relative).
         relative: True for a share of the reachable codes.
+        minimum: for a relative floor, never below this many codes (nor above half of what the
+            measurement can reach): "a handful of codes" is a collapse whatever K is.
     """
 
     value: float
     relative: bool = False
+    minimum: float | None = None
 
     def floor(self, reachable: float) -> float:
         """The absolute floor for a measurement that can reach `reachable` codes."""
-        return self.value * reachable if self.relative else self.value
+        if not self.relative:
+            return self.value
+        f = self.value * reachable
+        return max(f, min(self.minimum, reachable / 2)) if self.minimum else f
 
     def __str__(self) -> str:
         if self.relative:
-            return f"{self.value * 100:g}%"
+            return f"{self.value * 100:g}%" + (f" (at least {self.minimum:g})" if self.minimum else "")
         return f"{self.value:g}"
+
+
+# Collapse: perplexity <= 2 codes, or <= 1% of the reachable codes (index-collapse's error line).
+COLLAPSE_FLOOR = PerplexityFloor(0.01, relative=True, minimum=2.0)
 
 
 @dataclass(frozen=True)
@@ -251,15 +261,13 @@ class GateThresholds:
     The defaults are scale-free and sit where the diagnosis rules draw their lines, so the gate and
     the report tell one story:
 
-    - `min_perplexity` "5%": perplexity (the effective number of codes in use) at least 5% of the
-      codes the measurement can reach. Trained healthy codebooks sit at 20-90% of K; a collapse
-      is "a handful of codes" (the user story: perplexity 1-2), under 1%. 5% is also where
-      index-collapse (VQ006) starts to warn, so a pass never hides a collapse the report names.
-    - `min_usage` 0.25: at least a quarter of the reachable codes used at all over the window
-      (EMA counts: not dead). Below that most of the codebook is wasted capacity; healthy
-      k-means-initialised codebooks use well over half.
-    - `max_dead_fraction` 0.5: at most half of the codes dead (count below 1% of the uniform share
-      n/K) -- the level at which dead-codes (VQ005) becomes an error.
+    - `min_perplexity` "1% (at least 2)": perplexity (the effective number of codes in use) above
+      2 and at least 1% of the codes the measurement can reach: the line where index-collapse
+      (VQ006) is an error, i.e. a collapse to a handful of codes (the user story: perplexity 1-2). The default gate fails on
+      collapse, not on partial usage: converged models run at partial usage (VQGAN at K = 65,536
+      uses 1.4-4.5% of its codes, SimVQ Table 1), and the findings check catches every broken run.
+    - `min_usage`, `max_dead_fraction` off: opt-in floors on the share of codes used / dead
+      (e.g. 0.25 and 0.5), for projects that know the utilisation they expect.
     - `window` None: a run's usage over the recorder's own window (long enough for ~4 expected
       hits per code); a number gates the last N steps instead. Ignored for checkpoints.
     - `fail_on` "error": findings of severity error fail the gate, as in `vqdoctor inspect`.
@@ -274,9 +282,9 @@ class GateThresholds:
             applied in order, later ones win (see `for_quantizer`).
     """
 
-    min_perplexity: PerplexityFloor | None = PerplexityFloor(0.05, relative=True)
-    min_usage: float | None = 0.25
-    max_dead_fraction: float | None = 0.5
+    min_perplexity: PerplexityFloor | None = COLLAPSE_FLOOR
+    min_usage: float | None = None
+    max_dead_fraction: float | None = None
     window: int | None = None
     fail_on: str = "error"
     overrides: tuple[tuple[str, Mapping[str, Any]], ...] = ()

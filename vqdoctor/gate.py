@@ -275,7 +275,9 @@ def _measure(check: str, q: QuantizerReport, src: _Source, th: GateThresholds,
         assert floor is not None
         thr = floor.floor(reach)
         spec = str(floor)
-        ctx = f" ({spec} of {_fmt(round(reach, 1))} codes{why})" if floor.relative else ""
+        share = f"{floor.value * 100:g}%"
+        least = f", at least {floor.minimum:g}" if floor.relative and floor.minimum else ""
+        ctx = f" ({share} of {_fmt(round(reach, 1))} codes{least}{why})" if floor.relative else ""
         ok = value >= thr
         msg = f"perplexity {_fmt(value)} {'>=' if ok else '<'} {_fmt(thr)}{ctx}"
     elif check == "min_usage":
@@ -430,7 +432,7 @@ def judge(report: Report, thresholds: GateThresholds | None = None, *, target: s
                     if any(fnmatch.fnmatchcase(q.name, p) for p in quantizers)]
 
     checks: list[Check] = []
-    measured = False
+    measured = wanted = False  # some threshold check measured / was asked for
     window_steps: float | None = None
     for q in selected:
         qth = th.for_quantizer(q.name)
@@ -439,7 +441,8 @@ def judge(report: Report, thresholds: GateThresholds | None = None, *, target: s
             window_steps = _num(q.metrics, "window_steps")
         for name in THRESHOLD_CHECKS:
             c = _threshold_check(name, q, kind, qth, probe, window_steps, top)
-            measured = measured or c.status is not Status.SKIP or getattr(qth, name) is None
+            measured = measured or c.status is not Status.SKIP
+            wanted = wanted or getattr(qth, name) is not None
             checks.append(c)
         checks.append(_findings_check(report, q.name, th.fail_on))
     if kind == "run" or any(f.quantizer is None for f in report.findings):
@@ -450,7 +453,7 @@ def judge(report: Report, thresholds: GateThresholds | None = None, *, target: s
 
     problems = [f"{len(report.errors)} diagnosis check{'s' * (len(report.errors) != 1)} "
                 f"failed; the analysis is incomplete"] if report.errors else []
-    if selected and not measured:
+    if selected and wanted and not measured:
         problems.append("no threshold could be measured for any quantizer"
                         + ("" if kind == "run" or probe else "; give --probe FILE (encoder outputs)"))
     if not selected:
