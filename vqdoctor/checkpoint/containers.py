@@ -252,6 +252,6 @@ def _int(v: Any) -> int | None:
         return None
     if isinstance(v, int):
         return v
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+    if is_weight(v) and v.device.type == "cpu" and v.numel() == 1 and not v.is_floating_point():
         return int(v.item())
     return None
