@@ -259,7 +259,7 @@ def simvq_at(src: TensorSource, name: str, taken: set[str] | frozenset[str] = fr
     if not unclaimed(own, taken):
         return None
     r, (group, stage) = Roles(src), split_stage(name)
-    x = r.read("frozen_codebook", fk)
+    x = r.read("codebook", fk)  # the stored (frozen) table; `codebook` below is the effective one
     described, assumed = [], False
     for kind, w, b in layers:
         if kind == "activation":
