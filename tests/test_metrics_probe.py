@@ -102,8 +102,11 @@ def test_dict_probes_match_names_exactly_or_by_unique_suffix():
     assert torch.equal(got["model.quantize_t"], za) and torch.equal(got["model.quantize_b"], zb)
     # a single unnamed entry is read as one tensor
     assert set(probe_inputs({"encoder_out": za}, [a, b], path="p.pt")) == {"model.quantize_t"}
-    with pytest.raises(ProbeError, match="none names a quantizer"):
-        probe_inputs({"x": za, "y": zb}, [a, b], path="p.pt")
+    # entries that name no quantizer are matched by shape (see test_dict_probes_match_by_shape)
+    got = probe_inputs({"x": za, "y": zb}, [a, b], path="p.pt")
+    assert torch.equal(got["model.quantize_t"], za) and torch.equal(got["model.quantize_b"], zb)
+    with pytest.raises(ProbeError, match="none names a quantizer or fits one by shape"):
+        probe_inputs({"x": torch.randn(7, 4), "y": zb[:, :2]}, [a, b], path="p.pt")
 
 
 def test_project_in_is_applied():

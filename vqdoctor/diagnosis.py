@@ -47,6 +47,7 @@ def inspect_checkpoints(
     levels: Sequence[int] | None = None,
     trust_checkpoint: bool = False,
     thresholds: dict[str, dict[str, Any]] | None = None,
+    max_memory: int | str | None = None,
 ) -> Report:
     """Diagnose one checkpoint, or several taken from one run (oldest first).
 
@@ -58,6 +59,8 @@ def inspect_checkpoints(
         levels: FSQ levels, for FSQ quantizers (nothing of them is stored).
         trust_checkpoint: allow full unpickling (runs code from the file; only for files you trust).
         thresholds: per-rule threshold overrides.
+        max_memory: memory budget for reading any one input tensor (bytes, or "4GiB"; default
+            1 GiB); a probe over it is sampled, a checkpoint tensor refused with one line.
 
     Returns:
         The ranked report.
@@ -65,7 +68,7 @@ def inspect_checkpoints(
     from vqdoctor.sources.checkpoint import observe_checkpoints
 
     obs = observe_checkpoints(paths, probe=probe, quantizers=quantizers, levels=levels,
-                              trust_checkpoint=trust_checkpoint)
+                              trust_checkpoint=trust_checkpoint, max_memory=max_memory)
     return diagnose(obs, thresholds)
 
 
@@ -111,6 +114,7 @@ def report_target(
     trust_checkpoint: bool = False,
     thresholds: dict[str, dict[str, Any]] | None = None,
     window: int | None = None,
+    max_memory: int | str | None = None,
 ) -> Report:
     """The report of a run directory, or of checkpoint(s) (several: one run, oldest first).
 
@@ -131,4 +135,5 @@ def report_target(
             raise InputError("--probe applies to checkpoints; a run directory records usage itself",
                              path=str(paths[0]))
         return report_run(paths[0], thresholds, window=window)
-    return inspect_checkpoints(paths, probe=probe, trust_checkpoint=trust_checkpoint, thresholds=thresholds)
+    return inspect_checkpoints(paths, probe=probe, trust_checkpoint=trust_checkpoint, thresholds=thresholds,
+                               max_memory=max_memory)

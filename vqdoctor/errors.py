@@ -46,6 +46,20 @@ class UnsafeCheckpointError(CheckpointError):
         super().__init__(message, path=path, hint=hint)
 
 
+class MemoryBudgetError(InputError):
+    """Reading an input would take more memory than the budget allows (`--max-memory`).
+
+    Attributes:
+        needed: bytes the read would allocate.
+        budget: the budget it was checked against, in bytes.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None,
+                 needed: int = 0, budget: int = 0):
+        self.needed, self.budget = int(needed), int(budget)
+        super().__init__(message, path=path, hint=hint)
+
+
 class NoQuantizerError(VQDoctorError):
     """No quantizer was found in a checkpoint or model."""
 

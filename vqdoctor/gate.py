@@ -474,6 +474,7 @@ def gate(
     rule_thresholds: dict[str, dict[str, Any]] | None = None,
     command: Sequence[str] | None = None,
     exit_code: int | None = None,
+    max_memory: int | str | None = None,
 ) -> GateResult:
     """Gate a run directory or checkpoint(s): `judge` of the report `diagnosis.report_target` makes.
 
@@ -486,6 +487,7 @@ def gate(
         rule_thresholds: per-rule threshold overrides for the diagnosis.
         command: the training command, when the caller ran it (`gate -- CMD`).
         exit_code: that command's exit status; non-zero fails the `training` check.
+        max_memory: checkpoints: memory budget for reading any one tensor (`vqdoctor inspect --max-memory`).
 
     Returns:
         The gate result (it never raises for a failed gate).
@@ -499,7 +501,7 @@ def gate(
     th = thresholds or GateThresholds()
     paths = [Path(target)] if isinstance(target, (str, Path)) else [Path(p) for p in target]
     report = report_target(paths, probe=probe, trust_checkpoint=trust_checkpoint,
-                           thresholds=rule_thresholds, window=th.window)
+                           thresholds=rule_thresholds, window=th.window, max_memory=max_memory)
     shown = " ".join(command) if command else " ".join(str(p) for p in paths)
     return judge(report, th, target=shown, probe=probe is not None, quantizers=quantizers,
                  command=command, exit_code=exit_code)

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from vqdoctor.checkpoint import numpy_safe
 from vqdoctor.checkpoint.base import OPTIMIZER_PREFIX
+from vqdoctor.checkpoint.limits import Walk
 from vqdoctor.errors import CheckpointError, InputError
 
 # Wrappers holding the main weights, most preferred first (Lightning, common scripts, audiocraft).
@@ -56,22 +58,25 @@ def unwrap(obj: Any, path: str, container: str | None = None) -> Unwrapped:
 
     Raises:
         InputError: `container` names a wrapper the file does not have.
-        CheckpointError: the object is not a dict of tensors, or holds no tensors.
+        CheckpointError: the object is not a dict of tensors, or holds no tensors, or nests
+            containers past `limits.MAX_DEPTH` / `limits.MAX_NODES` (walked boundedly: a pickle's
+            memo can share one dict under itself, unrolling to 2^40 paths).
     """
+    walk = Walk(path)
     if isinstance(obj, torch.nn.Module):  # trusted loads: a pickled module or TorchScript
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"holds a {type(obj).__name__}, not a dict of tensors", path=path)
 
     # Known wrappers win over loose top-level tensors ({'model': sd, 'loss': tensor(1.2)}).
-    available = [k for k in (*MAIN, *EMA) if isinstance(obj.get(k), Mapping) and _has_tensors(obj[k])]
+    available = [k for k in (*MAIN, *EMA) if isinstance(obj.get(k), Mapping) and _has_tensors(obj[k], walk)]
     chosen = pick_container(path, available, container)
     if chosen:
         name, weights = chosen, obj[chosen]
         for _ in range(3):
             if any(isinstance(v, torch.Tensor) for v in weights.values()):
                 break
-            inner = next((k for k in INNER if _has_tensors(weights.get(k))), None)
+            inner = next((k for k in INNER if _has_tensors(weights.get(k), walk)), None)
             if inner is None:
                 break
             name, weights = f"{name}.{inner}", weights[inner]
@@ -80,11 +85,11 @@ def unwrap(obj: Any, path: str, container: str | None = None) -> Unwrapped:
         weights = {k: v for k, v in obj.items() if k not in NOT_WEIGHTS}
 
     flat: dict[str, torch.Tensor] = {}
-    _flatten(weights, "", flat)
+    _flatten(weights, "", flat, walk)
     tensors = {new: flat[old] for new, old in strip_prefixes(list(flat)).items()}
 
     meta: dict[str, Any] = {"containers": [k for k in available if k != chosen]}
-    meta.update(_plain_meta(obj))
+    meta.update(_plain_meta(obj, walk))
     opt_tensors, entries = _optimizer_state(obj)
     if not tensors:
         what = " other than optimizer state" if opt_tensors else ""
@@ -129,23 +134,31 @@ def strip_prefixes(keys: list[str]) -> dict[str, str]:
     return dict(zip(new, keys, strict=True))
 
 
-def _has_tensors(obj: Any, depth: int = 0) -> bool:
+def _has_tensors(obj: Any, walk: Walk, depth: int = 0) -> bool:
     if isinstance(obj, torch.Tensor):
         return True
     if isinstance(obj, Mapping) and depth < 8:
-        return any(_has_tensors(v, depth + 1) for v in obj.values())
+        walk.visit(0, len(obj))  # counted, never refused for depth: deeper is just "no"
+        return any(_has_tensors(v, walk, depth + 1) for v in obj.values())
     return False
 
 
-def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor]) -> None:
+def is_weight(v: Any) -> bool:
+    """A dense tensor: sparse, quantized and nested layouts are never codebooks."""
+    return isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized
+
+
+def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor], walk: Walk,
+             depth: int = 0) -> None:
+    walk.visit(depth, len(obj))
     for k, v in obj.items():
         key = f"{prefix}{k}"
         if isinstance(v, torch.Tensor):
-            if v.layout == torch.strided:  # sparse / quantized layouts are not codebooks
+            if is_weight(v):
                 out[key] = v
         elif isinstance(v, Mapping):
-            _flatten(v, f"{key}.", out)
-        # anything else (ints, strings, lists) is metadata, not weights
+            _flatten(v, f"{key}.", out, walk, depth + 1)
+        # anything else (ints, strings, lists, numpy arrays) is metadata, not weights
 
 
 def _optimizer_state(obj: Mapping) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -164,8 +177,7 @@ def _optimizer_state(obj: Mapping) -> tuple[dict[str, torch.Tensor], list[dict[s
             if not isinstance(state, Mapping):
                 continue
             # 0-dim entries are step counters, not moments
-            moments = {n: t for n, t in state.items()
-                       if isinstance(t, torch.Tensor) and t.ndim > 0 and t.layout == torch.strided}
+            moments = {n: t for n, t in state.items() if is_weight(t) and t.ndim > 0}
             if not moments:
                 continue
             index = int(pidx) if str(pidx).isdigit() else pidx
@@ -190,10 +202,10 @@ def _param_names(opt: Mapping) -> dict[Any, str]:
     return dict(zip(out, strip_prefixes(list(out.values())), strict=True))
 
 
-def _plain_meta(obj: Mapping) -> dict[str, Any]:
+def _plain_meta(obj: Mapping, walk: Walk) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for k in CONFIG_KEYS:
-        cfg = _plain(obj.get(k))
+        cfg = _plain(obj.get(k), walk)
         if isinstance(cfg, dict) and cfg:
             meta["config"] = cfg
             break
@@ -211,27 +223,35 @@ def _plain_meta(obj: Mapping) -> dict[str, Any]:
 _DROP = object()
 
 
-def _plain(v: Any, depth: int = 0) -> Any:
-    """A JSON-like copy of `v`; entries that are not plain data are left out."""
+def _plain(v: Any, walk: Walk, depth: int = 0) -> Any:
+    """A JSON-like copy of `v`; entries that are not plain data are left out.
+
+    numpy scalars and small arrays (older save helpers' `np.float32(loss)`, `np.array(...)`)
+    become Python numbers and lists.
+    """
     if isinstance(v, argparse.Namespace):  # only reachable through trusted loads
         v = vars(v)
+    v = numpy_safe.plain(v)
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if depth > 16:
         return _DROP
     if isinstance(v, Mapping):
-        items = ((str(k), _plain(x, depth + 1)) for k, x in v.items())
+        walk.visit(0, len(v))
+        items = ((str(k), _plain(x, walk, depth + 1)) for k, x in v.items())
         return {k: x for k, x in items if x is not _DROP}
     if isinstance(v, (list, tuple)):
-        return [x for x in (_plain(x, depth + 1) for x in v) if x is not _DROP]
+        walk.visit(0, len(v))
+        return [x for x in (_plain(x, walk, depth + 1) for x in v) if x is not _DROP]
     return _DROP
 
 
 def _int(v: Any) -> int | None:
+    v = numpy_safe.plain(v)  # np.int64(3) from an older save helper
     if isinstance(v, bool):
         return None
     if isinstance(v, int):
         return v
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+    if is_weight(v) and v.device.type == "cpu" and v.numel() == 1 and not v.is_floating_point():
         return int(v.item())
     return None

@@ -62,6 +62,9 @@ def read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except RecursionError:  # json is recursive: nesting past Python's limit is a crafted file
+        raise CheckpointError("is JSON nested too deeply to parse (past Python's recursion limit); "
+                              "no index or config nests like that", path=path) from None
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError("is a text file, not a checkpoint (not valid JSON)",
                               path=path) from None

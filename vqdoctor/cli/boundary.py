@@ -6,6 +6,8 @@ the boundary catches everything:
 
 - `VQDoctorError` -> `vqdoctor: error: <one line>` on stderr, exit 2;
 - `typer.BadParameter` (usage) -> left to Typer, which prints usage and exits 2;
+- `MemoryError` / `RecursionError` -> one line saying the input was too large / too deeply
+  nested (the readers bound both before they happen; this is the net under them), exit 2;
 - anything else -> `vqdoctor: internal error: <Type>: <msg> (run with --debug ...)`, exit 2.
 
 `--debug` (or `VQDOCTOR_DEBUG=1`) adds the traceback.
@@ -112,6 +114,15 @@ def boundary(fn: F) -> F:
             raise typer.Exit(EXIT_ERROR) from None
         except BrokenPipeError:
             _quiet_broken_pipe()
+            raise typer.Exit(EXIT_ERROR) from None
+        except (MemoryError, RecursionError) as e:
+            if debug_enabled():
+                import traceback
+
+                err_console().print(Text("".join(traceback.format_exc()).rstrip()))
+            print_error("the input needs more memory than this machine can give (lower what is read, "
+                        "e.g. a smaller --max-memory)" if isinstance(e, MemoryError) else
+                        "the input is nested too deeply to read (past Python's recursion limit)")
             raise typer.Exit(EXIT_ERROR) from None
         except Exception as e:
             internal_error(e)

@@ -164,6 +164,10 @@ def gate(
         "--run-dir", readable=False, metavar="DIR", file_okay=False,
         help="With -- CMD: where to record the run (default: a new folder under "
              "./vqdoctor-runs/).")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", metavar="SIZE",
+        help="Checkpoints: memory budget for reading any one tensor, e.g. 4GiB (default 1GiB), "
+             "as for vqdoctor inspect.")] = None,
 ) -> None:
     """Gate CI on codebook health: fail on perplexity collapse, dead codes, and findings.
 
@@ -171,6 +175,7 @@ def gate(
 
     Exit 0 when every check passes, 1 when one fails, 2 when the target could not be analysed.
     """
+    from vqdoctor.cli.inspect import parse_memory
     from vqdoctor.diagnosis import is_run_dir
     from vqdoctor.formats import GATE_FORMATS
     from vqdoctor.formats import format as render
@@ -194,7 +199,8 @@ def gate(
                               "(drop --window, or gate the run directory)")
         err = err_console()
         kwargs: dict[str, Any] = {"probe": probe, "quantizers": quantizer or None,
-                                  "trust_checkpoint": trust_checkpoint, "rule_thresholds": rules}
+                                  "trust_checkpoint": trust_checkpoint, "rule_thresholds": rules,
+                                  "max_memory": parse_memory(max_memory)}
         if command is not None:
             targets = [watched_run(command, run_dir, probe, rules, kwargs)]
             result = run_gate(targets, thresholds, **kwargs)

@@ -37,6 +37,18 @@ def parse_levels(text: str | None) -> list[int] | None:
     return levels
 
 
+def parse_memory(text: str | None) -> int | None:
+    """`--max-memory 4GiB` -> bytes (None: the library default)."""
+    if text is None:
+        return None
+    from vqdoctor.checkpoint.limits import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--max-memory'") from None
+
+
 def thresholds_from(options: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Thresholds from pyproject.toml, overridden by `--threshold` options, checked and typed."""
     from vqdoctor.config import load_config, parse_threshold_options, resolve_thresholds
@@ -63,8 +75,9 @@ def inspect(
         readable=False, metavar="PATH", show_default=False,
         help="Checkpoint file(s) or folder(s). Several = one run, oldest first (drift).")],
     probe: Annotated[Path | None, typer.Option(
-        "--probe", readable=False, metavar="FILE",
-        help="Tensor file of encoder outputs (the quantizer's input), or a dict name -> tensor.")
+        "--probe", readable=False, metavar="FILE[:KEY]",
+        help="Tensor file of encoder outputs (the quantizer's input), or a dict name -> tensor; "
+             "FILE:KEY takes one entry of a dict.")
     ] = None,
     quantizer: Annotated[list[str] | None, typer.Option(
         "--quantizer", metavar="PREFIX",
@@ -82,6 +95,11 @@ def inspect(
         "--threshold", metavar="RULE.NAME=VALUE",
         help="Override a rule threshold (repeatable), e.g. dead-codes.warn_fraction=0.3; also "
              "read from pyproject.toml (tool.vqdoctor.thresholds).")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", metavar="SIZE",
+        help="Memory budget for reading any one input tensor, e.g. 4GiB (default 1GiB): larger "
+             "checkpoint tensors are refused, larger probes sampled; data that expands from far "
+             "fewer stored bytes (stride-0 views, deflated members) gets 1/16 of it.")] = None,
 ) -> None:
     """Diagnose checkpoint(s): a ranked list of why the codebook collapses.
 
@@ -90,10 +108,13 @@ def inspect(
     if trust_checkpoint:
         print_warning(TRUST_WARNING)
     level_list = parse_levels(levels)
+    budget = parse_memory(max_memory)
     thresholds = thresholds_from(threshold or [])
     kwargs: dict[str, Any] = {"probe": probe, "quantizers": quantizer or None,
                               "levels": level_list, "trust_checkpoint": trust_checkpoint,
                               "thresholds": thresholds or None}
+    if budget is not None:
+        kwargs["max_memory"] = budget
     err = err_console()
     if err.is_terminal:
         with err.status(f"reading {len(paths)} checkpoint{'s' * (len(paths) != 1)} ..."):
@@ -106,4 +127,4 @@ def inspect(
         raise typer.Exit(code)
 
 
-__all__ = ["inspect", "parse_levels", "run_inspect", "thresholds_from"]
+__all__ = ["inspect", "parse_levels", "parse_memory", "run_inspect", "thresholds_from"]

@@ -36,7 +36,10 @@ def source_parts(report: Report) -> list[str]:
     if "safe_load" in src:
         parts.append("safe load" if src["safe_load"] else "UNSAFE load (trusted pickle)")
     if src.get("probe"):
-        parts.append(f"probe {src['probe']}")
+        entries = src.get("probe_entries") or {}
+        used = sorted(set(entries.values())) if isinstance(entries, dict) else []
+        parts.append(f"probe {src['probe']}" + (f" (entr{'ies' if len(used) > 1 else 'y'} "
+                                                f"{', '.join(used)})" if used else ""))
     return parts
 
 

@@ -43,7 +43,9 @@ def side_of(key: str) -> str | None:
 
 
 def _sides(src: TensorSource, excluded: tuple[str, ...]) -> dict[str, list[str]]:
+    # meta tensors hold no data and expanded views are not weights an optimizer steps
     keys = [k for k in src.keys() if src.infos[k].dtype.is_floating_point
+            and src.infos[k].device != "meta" and src.infos[k].view is None
             and not k.endswith(STATS_SUFFIXES)]
     inside = [i for i, k in enumerate(keys) if k.startswith(excluded)]
     outside = [(i, k) for i, k in enumerate(keys) if not k.startswith(excluded)]

@@ -1,98 +1,28 @@
 """Probe metrics: what the quantizer does with real encoder outputs (the PROBE names of `metrics.names`).
 
 A probe is a tensor file of vectors that enter the quantizer (`vqdoctor inspect --probe`).
-`load_probe` reads it safely, `probe_inputs` maps it onto the discovered quantizers (by name, or
-by dimension, chaining residuals through residual stages), `probe_metrics` measures one
-quantizer on its vectors: assignment usage, input vs code scale, quantisation error, and FSQ/LFQ
-level and bit statistics.
+`read_probe` / `load_probe` (in `probe_load`) read it safely and boundedly, `probe_inputs` maps
+it onto the discovered quantizers (dict entries by name, else by shape; tensors by dimension,
+chaining residuals through residual stages), `probe_metrics` measures one quantizer on its
+vectors: assignment usage, input vs code scale, quantisation error, and FSQ/LFQ level and bit
+statistics.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from vqdoctor.errors import ProbeError
 from vqdoctor.metrics import functional as F
 from vqdoctor.metrics.codebook import PAIRWISE_MAX_CODES
+from vqdoctor.metrics.probe_load import WRAPPER_KEYS, LoadedProbe, Probe, load_probe, read_probe
 from vqdoctor.quantizers.base import QuantizerState
 
-# Keys under which a probe file may wrap its payload.
-WRAPPER_KEYS = ("z", "probe")
 # Libraries whose quantizer inputs are channels-last [B, T, C]; the rest are conv codecs / image
 # models with channels-first [B, C, ...]. Only used to break the tie when T == C.
 CHANNELS_LAST_LIBRARIES = {"vector-quantize-pytorch", "sonnet", "zalando", "generic"}
-
-Probe = torch.Tensor | dict[str, torch.Tensor]
-
-
-def _as_float(v: object, path: str, what: str) -> torch.Tensor:
-    if isinstance(v, np.ndarray):
-        if v.dtype.kind not in "biuf":
-            raise ProbeError(f"probe {path}: {what} has dtype {v.dtype}; expected a numeric array")
-        v = torch.from_numpy(np.ascontiguousarray(v))
-    if not isinstance(v, torch.Tensor):
-        raise ProbeError(f"probe {path}: {what} is a {type(v).__name__}, not a tensor")
-    if v.is_complex() or v.numel() == 0:
-        raise ProbeError(f"probe {path}: {what} is {'empty' if v.numel() == 0 else 'complex'}")
-    return v.detach().to("cpu", torch.float32)
-
-
-def _normalise(obj: object, path: str) -> Probe:
-    """Tensor or {name: tensor}; unwraps {"z": ...} / {"probe": ...}; drops non-tensor entries."""
-    while isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in WRAPPER_KEYS:
-        obj = next(iter(obj.values()))
-    if isinstance(obj, dict):
-        out = {str(k): _as_float(v, path, f"entry {k!r}") for k, v in obj.items()
-               if isinstance(v, (torch.Tensor, np.ndarray))}
-        if not out:
-            raise ProbeError(f"probe {path} holds no tensors (expected a tensor or a dict name -> tensor)")
-        return out
-    return _as_float(obj, path, "content")
-
-
-def load_probe(path: str) -> Probe:
-    """Read a probe file: a tensor of quantizer inputs, or a dict name -> tensor.
-
-    Formats: `.safetensors`; `.npy` / `.npz` (`allow_pickle=False`); anything else is read as a
-    torch file with `torch.load(weights_only=True)` (no code from the file can run). A dict with
-    a single "z" or "probe" entry is unwrapped. Tensors come back float32 on the CPU.
-
-    Args:
-        path: the probe file.
-
-    Returns:
-        a tensor, or a dict name -> tensor.
-
-    Raises:
-        ProbeError: missing, unreadable, unsafe or non-tensor content (one line).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ProbeError(f"probe {path} does not exist")
-    if not p.is_file():
-        raise ProbeError(f"probe {path} is not a file")
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-            obj: object = load_file(str(p), device="cpu")
-        elif suffix == ".npy":
-            obj = np.load(p, allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(p, allow_pickle=False) as f:
-                obj = {k: f[k] for k in f.files}
-        else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except ProbeError:
-        raise
-    except Exception as e:  # every reader has its own exception family; all mean "cannot read"
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ProbeError(f"probe {path} cannot be read safely: {reason}") from None
-    return _normalise(obj, path)
 
 
 def expected_input_dim(q: QuantizerState) -> int:
@@ -196,24 +126,28 @@ def _note(q: QuantizerState, text: str) -> None:
         q.notes.append(text)
 
 
-def probe_inputs(z_all: Probe, states: list[QuantizerState], *, path: str) -> dict[str, torch.Tensor]:
+def probe_inputs(z_all: Probe | LoadedProbe, states: list[QuantizerState], *,
+                 path: str) -> dict[str, torch.Tensor]:
     """Map a probe onto quantizers: each quantizer's vectors in its code space, `[n, input_heads * dim]`.
 
-    A dict is matched by quantizer name (exact, or a unique dotted-suffix match; a single entry
-    matching no name is read as one tensor). A tensor of shape [N, C], [B, C, *spatial]
-    (channels-first) or [B, T, C] (channels-last) is flattened to [n, C] where C is the
-    quantizer's expected input (`expected_input_dim`), and goes to stand-alone quantizers and
-    to stage 0 of residual groups. Later residual stages get x_{s+1} = x_s - q_s(x_s), the
-    residual the library quantizes, in the space the stages share: a group-level projection
-    (the same `project_in` on every stage, or `extra["project_in_scope"] == "group"`) is applied
-    once; with per-stage projections (DAC) or implicit codebooks (residual FSQ/LFQ) chaining
-    stops at stage 0 and those stages get a note asking for per-stage probes.
+    A dict is matched to quantizers by name first (exact, or a unique dotted-suffix match), then
+    by shape (`match_by_shape`): an entry with a quantizer's input dim (projected here), else one
+    with its code-space dim after `project_in`, is used when it is the only one that fits; a
+    single entry is read as one tensor. Which entry each quantizer got is said in a note (and in
+    `LoadedProbe.used`). A tensor of shape [N, C], [B, C, *spatial] (channels-first) or [B, T, C]
+    (channels-last) is flattened to [n, C] where C is the quantizer's expected input
+    (`expected_input_dim`), and goes to stand-alone quantizers and to stage 0 of residual groups.
+    Later residual stages get x_{s+1} = x_s - q_s(x_s), the residual the library quantizes, in
+    the space the stages share: a group-level projection (the same `project_in` on every stage,
+    or `extra["project_in_scope"] == "group"`) is applied once; with per-stage projections (DAC)
+    or implicit codebooks (residual FSQ/LFQ) chaining stops at stage 0 and those stages get a
+    note asking for per-stage probes.
 
     Every returned tensor is already projected (`project_in` applied): pass `projected=True`
     to `probe_metrics`.
 
     Args:
-        z_all: what `load_probe` returned.
+        z_all: what `read_probe` (or `load_probe`) returned.
         states: the discovered quantizers (notes may be appended to them).
         path: the probe file, for messages.
 
@@ -221,27 +155,40 @@ def probe_inputs(z_all: Probe, states: list[QuantizerState], *, path: str) -> di
         quantizer name -> float32 `[n, input_heads * dim]`.
 
     Raises:
-        ProbeError: nothing fits, naming the probe's shape and each quantizer's expected dim.
+        ProbeError: nothing fits (naming the probe's shape and each quantizer's expected dim), or
+            several entries fit one quantizer equally (naming them and how to choose).
     """
+    loaded = z_all if isinstance(z_all, LoadedProbe) else LoadedProbe(z_all, path=path)
+    value = loaded.value
+    if loaded.key is not None:
+        path = f"{loaded.path}:{loaded.key}"
     out: dict[str, torch.Tensor] = {}
-    if isinstance(z_all, dict):
-        matched = _match_names(list(z_all), states)
-        if matched:
-            for s in states:
-                if s.name in matched:
-                    x = _dict_entry(z_all[matched[s.name]], s)
-                    if x is not None:
-                        out[s.name] = x
-            if out:
-                return out
-            raise _no_fit(f"probe {path} entries {', '.join(sorted(set(matched.values())))} do not have the dimension of their quantizers", states)
-        if len(z_all) != 1:
-            raise _no_fit(f"probe {path} has entries {', '.join(list(z_all)[:8])} and none names a quantizer", states)
-        z_all = next(iter(z_all.values()))
+    if isinstance(value, dict) and len(value) == 1:
+        key, value = next(iter(value.items()))  # a single entry: read as one tensor
+        loaded = LoadedProbe(value, path=loaded.path, key=key, notes=loaded.notes, used=loaded.used)
+    if isinstance(value, dict):
+        out = _dict_inputs(value, loaded, states, path)
+    else:
+        out = _tensor_inputs(value, states, path)
+        if loaded.key is not None:
+            for name in out:
+                loaded.used[name] = loaded.key
+    for s in states:
+        if s.name in out:
+            for text in loaded.notes:
+                _note(s, text)
+    return out
 
+
+def _tensor_inputs(z_all: torch.Tensor, states: list[QuantizerState], path: str,
+                   only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """One tensor onto every quantizer (or those in `only`) it fits, residuals chained."""
+    out: dict[str, torch.Tensor] = {}
     groups: dict[str, list[QuantizerState]] = {}
     for s in states:
         if s.group is None or s.stage is None:
+            if only is not None and s.name not in only:
+                continue
             x = _flatten(z_all, expected_input_dim(s), s.library in CHANNELS_LAST_LIBRARIES)
             if x is not None:
                 out[s.name] = _project(s, x)
@@ -250,7 +197,7 @@ def probe_inputs(z_all: Probe, states: list[QuantizerState], *, path: str) -> di
     for stages in groups.values():
         stages.sort(key=lambda s: s.stage)
         first = stages[0]
-        if first.stage != 0:
+        if first.stage != 0 or (only is not None and first.name not in only):
             continue
         x = _flatten(z_all, expected_input_dim(first), first.library in CHANNELS_LAST_LIBRARIES)
         if x is None:
@@ -271,9 +218,80 @@ def probe_inputs(z_all: Probe, states: list[QuantizerState], *, path: str) -> di
                 break
             x = x - _quantize(prev, x)[2]
             out[s.name] = x
-    if not out:
+    if not out and only is None:
         shape = f"dim {z_all.shape[-1]}" if z_all.ndim <= 2 else f"shape {list(z_all.shape)}"
         raise _no_fit(f"probe {path} has {shape}", states)
+    return out
+
+
+def _shape_text(z: torch.Tensor) -> str:
+    return "[" + ", ".join(str(int(x)) for x in z.shape) + "]"
+
+
+def match_by_shape(entries: dict[str, torch.Tensor], s: QuantizerState) -> tuple[list[str], str]:
+    """The entries that fit quantizer `s` by shape, and how: ([keys], "input" | "code").
+
+    Entries with the quantizer's input dim win over those with its code-space dim (after
+    `project_in`): the input is what the quantizer receives, and its projection is applied
+    here exactly. More than one key returned means the shape cannot choose.
+    """
+    cl = s.library in CHANNELS_LAST_LIBRARIES
+    raw, code = expected_input_dim(s), code_space_dim(s)
+    by_raw = [k for k, z in entries.items() if _flatten(z, raw, cl) is not None]
+    if by_raw or raw == code:
+        return by_raw, "input"
+    return [k for k, z in entries.items() if _flatten(z, code, cl) is not None], "code"
+
+
+def _dict_inputs(z_all: dict[str, torch.Tensor], loaded: LoadedProbe, states: list[QuantizerState],
+                 path: str) -> dict[str, torch.Tensor]:
+    """Entries by quantizer name, then the rest by shape; see `probe_inputs`."""
+    out: dict[str, torch.Tensor] = {}
+    matched = _match_names(list(z_all), states)
+    for s in states:
+        if s.name in matched:
+            x = _dict_entry(z_all[matched[s.name]], s)
+            if x is not None:
+                out[s.name] = x
+                loaded.used[s.name] = matched[s.name]
+    if matched and not out:
+        raise _no_fit(f"probe {path} entries {', '.join(sorted(set(matched.values())))} do not "
+                      "have the dimension of their quantizers", states)
+    # By shape: quantizers that take a probe directly (stand-alone, stage 0 of a group) and got
+    # nothing by name, from entries no name claimed. Integer entries are indices or labels.
+    free = {k: z for k, z in z_all.items() if k not in matched.values() and k not in loaded.integer_keys}
+    heads = [s for s in states if s.name not in out and s.stage in (None, 0)]
+    ambiguous: list[tuple[QuantizerState, list[str], str]] = []
+    for s in heads:
+        keys, how = match_by_shape(free, s)
+        if len(keys) > 1:
+            ambiguous.append((s, keys, how))
+        elif keys:
+            key = keys[0]
+            got = _tensor_inputs(z_all[key], states, path, only={s.name})
+            if not got and how == "code":  # already projected: used as is, no chaining
+                x = _flatten(z_all[key], code_space_dim(s), s.library in CHANNELS_LAST_LIBRARIES)
+                got = {s.name: x} if x is not None else {}
+            for name, x in got.items():
+                out.setdefault(name, x)
+                loaded.used.setdefault(name, key)
+            dim = expected_input_dim(s) if how == "input" else code_space_dim(s)
+            space = "input dim" if how == "input" else "code-space dim after its project_in"
+            others = [k for k in free if k != key]
+            _note(s, f"probe: entry '{key}' {_shape_text(z_all[key])} used as this quantizer's input "
+                     f"(matched by shape: the only entry with its {space}, {dim})"
+                     + (f"; not used: {', '.join(repr(k) for k in others[:4])}" if others else "") + ".")
+    if ambiguous:
+        s, keys, how = ambiguous[0]
+        dim = expected_input_dim(s) if how == "input" else code_space_dim(s)
+        cands = ", ".join(f"'{k}' {_shape_text(z_all[k])}" for k in keys[:6])
+        raise ProbeError(f"probe {path}: entries {cands} all fit quantizer '{s.name or '(top level)'}' "
+                         f"({'input' if how == 'input' else 'code-space'} dim {dim}); choose one with "
+                         f"--probe {loaded.path}:KEY, or key the entries by quantizer name "
+                         f"('{s.name or 'quantizer'}')")
+    if not out:
+        listed = ", ".join(f"{k} {_shape_text(z)}" for k, z in list(z_all.items())[:8])
+        raise _no_fit(f"probe {path} has entries {listed} and none names a quantizer or fits one by shape", states)
     return out
 
 
@@ -478,3 +496,8 @@ def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False
     if rel.numel():
         out["quant_error_rel"] = float(rel.median())
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+__all__ = ["CHANNELS_LAST_LIBRARIES", "WRAPPER_KEYS", "LoadedProbe", "Probe", "code_space_dim",
+           "expected_input_dim", "gumbel_choices", "input_spread", "load_probe", "match_by_shape",
+           "probe_inputs", "probe_metrics", "reachable_share", "read_probe"]

@@ -101,6 +101,11 @@ def discover(src: TensorSource, *, only: Sequence[str] | None = None,
         for s in states:
             if s.kind == "fsq" and s.levels is None:
                 s.levels = tuple(int(x) for x in levels)
+        if not any(s.kind == "fsq" for s in states):
+            # the user says there is an FSQ: find it by its layout (it stores no levels)
+            from vqdoctor.quantizers.lucidrains import fsq_from_levels
+
+            states.extend(fsq_from_levels(src, claimed, [int(x) for x in levels]))
 
     if not states:
         n = len(src.keys())

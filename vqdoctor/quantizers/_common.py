@@ -182,13 +182,48 @@ class Roles:
             self.claim(f"{role}.{key[len(prefix) + 1:]}", key)
 
     def read(self, role: str, key: str) -> torch.Tensor:
-        """Record `key` under `role` and return it as float32."""
+        """Record `key` under `role` and return it as float32 (after `check_readable`)."""
         self.claim(role, key)
+        check_readable(self.src, role, key)
         return self.src.get_float(key)
 
     def read_opt(self, role: str, key: str) -> torch.Tensor | None:
         """`read` when the key exists, else None."""
         return self.read(role, key) if key in self.src.infos else None
+
+
+# Roles whose values are vectors in code space: an integer or bool table there is not a codebook
+# (a quantized export, or another tensor under a codebook's name) and reading it as float would
+# measure nonsense.
+TABLE_ROLES = ("codebook", "embed_avg")
+
+
+def check_readable(src: TensorSource, role: str, key: str) -> None:
+    """Refuse a quantizer tensor that cannot be measured, with one line naming it.
+
+    Raises:
+        CheckpointError: the tensor is empty (a codebook with 0 codes or of dimension 0), or a
+            codebook-like table is not floating point.
+    """
+    from vqdoctor.errors import CheckpointError
+
+    info = src.infos[key]
+    shape = "[" + ", ".join(str(int(x)) for x in info.shape) + "]"
+    dtype = dtype_name(info.dtype)
+    if info.numel == 0:
+        what = "an empty codebook" if role == "codebook" else f"empty (the {role} of a quantizer)"
+        zero = [i for i, x in enumerate(info.shape) if x == 0]
+        why = ""
+        if role == "codebook" and len(info.shape) >= 2:
+            why = ": 0 codes" if zero and zero[0] == len(info.shape) - 2 else ": code dimension 0"
+        raise CheckpointError(f"{key} is {what}, shape {shape}{why}; there is nothing to measure",
+                              path=src.path, hint="the quantizer was saved before it was built, or the file was edited")
+    if role in TABLE_ROLES and (info.dtype == torch.bool or not (info.dtype.is_floating_point
+                                                                  or info.dtype.is_complex)):
+        raise CheckpointError(f"{key} ({role}) has dtype {dtype}; a codebook is a floating-point "
+                              f"table {shape}", path=src.path,
+                              hint="a quantized or integer export must be converted back to float "
+                                   "before it can be measured")
 
 
 def read_projection(roles: Roles, prefix: str, role: str = "project_in"

@@ -99,6 +99,15 @@ def explicit(src: TensorSource, prefix: str, *, levels: Sequence[int] | None = N
         return [_fsq(src, prefix, levels, bool(keys))]
     if not keys:
         raise _missing(src, prefix)
+    if join(prefix, "frozen_codebook") in src.infos:  # SimVQ: K is the frozen codebook's rows
+        from vqdoctor.quantizers.lucidrains import simvq_at
+
+        state = simvq_at(src, prefix)
+        if state is not None:
+            state.library = "user"
+            state.notes.insert(0, f"read as named by the user: SimVQ frozen codebook "
+                                  f"{join(prefix, 'frozen_codebook')} and its code_transform")
+            return [state]
     infos = src.infos
     tables = [k for k in keys if infos[k].dtype.is_floating_point and len(infos[k].shape) in (2, 3)
               and infos[k].numel > 0 and not _is_stat(k)]

@@ -3,8 +3,10 @@
 Layouts (research note §3): `P._codebook.{initted,cluster_size,embed_avg,embed}` ([H, K(, D)];
 <= 1.26 `initted` (1,) float; before 0.9.0 a 2-D `embed`); residual stages `P.layers.{q}`, grouped
 `P.rvqs.{g}.layers.{q}`, projection `project_in` on the module or its residual parent; LFQ `P.mask`
-(int64 powers of two); SimVQ `P.frozen_codebook` + `P.code_transform.weight`; FSQ stores nothing
-but projections, so it is found only when the config names its levels.
+(int64 powers of two); SimVQ `P.frozen_codebook` + the parameters of `P.code_transform` (a Linear,
+or a Sequential of layers, `simvq_at`); FSQ stores nothing but projections (and
+`orthogonal_rot` when enabled), so it is found only when the config or the user (`--levels`)
+names its levels (`fsq_from_levels`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from vqdoctor.checkpoint.base import TensorSource
 from vqdoctor.metrics import functional as MF
@@ -237,19 +240,109 @@ def _lfq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
 
 def _simvq(src: TensorSource, taken: set[str]) -> list[QuantizerState]:
     out = []
-    for name in group_prefixes(src.keys(), ("frozen_codebook", "code_transform.weight")):
-        fk, wk = join(name, "frozen_codebook"), join(name, "code_transform.weight")
-        fs, ws = src.infos[fk].shape, src.infos[wk].shape
-        if len(fs) != 2 or len(ws) != 2 or fs[1] != ws[1] or not unclaimed((fk, wk), taken):
-            continue
-        r, (group, stage) = Roles(src), split_stage(name)
-        codebook = (r.read("codebook", fk) @ r.read("code_transform.weight", wk).T).unsqueeze(0)
-        st = QuantizerState(name, "simvq", LIBRARY, int(fs[0]), int(ws[0]), codebook=codebook,
-                            group=group, stage=stage, extra={"frozen_dim": int(fs[1])})
-        _finish(src, r, st, group)
-        out.append(st)
-        taken.update(r.keys.values())
+    for name in group_prefixes(src.keys(), ("frozen_codebook",)):
+        st = simvq_at(src, name, taken)
+        if st is not None:
+            out.append(st)
+            taken.update(st.keys.values())
     return out
+
+
+# SimVQ's `code_transform` is any module (default `nn.Linear(frozen_dim, dim, bias=False)`; the
+# library's example is `nn.Sequential(nn.Linear, nn.ReLU, nn.Linear)`). A state dict stores the
+# parameters of its layers but not the parameter-free ones in between, whose type is unknown.
+ASSUMED_ACTIVATION = "ReLU"
+
+
+def _transform_layers(src: TensorSource, prefix: str) -> list[tuple[str, str | None, str | None]] | None:
+    """`code_transform`'s layers in order: ("linear" | "norm" | "activation", weight key, bias key).
+
+    None when its layout is not a Linear, an Identity, or a flat Sequential of Linear / norm layers
+    and parameter-free modules.
+    """
+    base = join(prefix, "code_transform")
+    keys = [k[len(base) + 1:] for k in src.infos if k.startswith(base + ".")]
+    if not keys:
+        return []  # nn.Identity: the frozen codebook is the codebook
+    if "weight" in keys:
+        if set(keys) - {"weight", "bias"}:
+            return None
+        return [("linear", join(base, "weight"), join(base, "bias") if "bias" in keys else None)]
+    params: dict[int, set[str]] = {}
+    for k in keys:
+        idx, _, leaf = k.partition(".")
+        if not idx.isdigit() or leaf not in ("weight", "bias"):
+            return None
+        params.setdefault(int(idx), set()).add(leaf)
+    layers: list[tuple[str, str | None, str | None]] = []
+    for i in range(max(params) + 1):
+        if i not in params:
+            layers.append(("activation", None, None))
+            continue
+        w = join(base, f"{i}.weight")
+        b = join(base, f"{i}.bias") if "bias" in params[i] else None
+        ndim = len(src.infos[w].shape) if w in src.infos else 0
+        if ndim == 2:
+            layers.append(("linear", w, b))
+        elif ndim == 1:
+            layers.append(("norm", w, b))
+        else:
+            return None
+    return layers
+
+
+def simvq_at(src: TensorSource, name: str, taken: set[str] | frozenset[str] = frozenset()
+             ) -> QuantizerState | None:
+    """The SimVQ at `name`: K from the frozen codebook's rows, the codebook code_transform(frozen).
+
+    vector-quantize-pytorch 1.32 and 1.34 store `frozen_codebook` [K, frozen_dim] (a buffer) and
+    the transform's parameters under `code_transform`; the lookup compares inputs with
+    `code_transform(frozen_codebook)` [K, dim] (euclidean, `torch.cdist`). Linear layers are
+    applied exactly; norm layers as LayerNorm; a parameter-free layer between them as
+    `ASSUMED_ACTIVATION` (the library's example), said in a note. None when the layout is not one
+    of these, or a key is taken.
+    """
+    fk = join(name, "frozen_codebook")
+    info = src.infos.get(fk)
+    layers = _transform_layers(src, name) if info is not None else None
+    if info is None or len(info.shape) != 2 or layers is None:
+        return None
+    own = [fk, *(k for k in src.infos if k.startswith(join(name, "code_transform") + "."))]
+    if not unclaimed(own, taken):
+        return None
+    r, (group, stage) = Roles(src), split_stage(name)
+    x = r.read("codebook", fk)  # the stored (frozen) table; `codebook` below is the effective one
+    described, assumed = [], False
+    for kind, w, b in layers:
+        if kind == "activation":
+            x, assumed = F.relu(x), True
+            described.append(f"{ASSUMED_ACTIVATION}?")
+            continue
+        rel = len(name) + 1 if name else 0  # role: the key below the quantizer
+        weight = r.read(w[rel:], w)
+        bias = r.read(b[rel:], b) if b else None
+        if kind == "linear":
+            if weight.shape[1] != x.shape[-1]:
+                return None
+            x = x @ weight.T + (bias if bias is not None else 0)
+            described.append(f"Linear({weight.shape[1]}->{weight.shape[0]})")
+        else:
+            if weight.shape[0] != x.shape[-1]:
+                return None
+            x = F.layer_norm(x, (x.shape[-1],), weight, bias)
+            described.append("LayerNorm")
+    st = QuantizerState(name, "simvq", LIBRARY, int(info.shape[0]), int(x.shape[-1]),
+                        codebook=x.unsqueeze(0), group=group, stage=stage,
+                        extra={"frozen_dim": int(info.shape[1]),
+                               "code_transform": ", ".join(described) or "Identity"})
+    r.claim_under("code_transform", join(name, "code_transform"))
+    if assumed:
+        st.extra["assumed_activation"] = ASSUMED_ACTIVATION
+        st.notes.append(f"SimVQ code_transform is {st.extra['code_transform']}: the layers without "
+                        f"parameters are not stored; {ASSUMED_ACTIVATION} assumed (the library's "
+                        "example), so the effective codebook is approximate if yours differ.")
+    _finish(src, r, st, group)
+    return st
 
 
 def fsq_state(name: str, levels: Sequence[int],
@@ -300,6 +393,52 @@ def _fsq(src: TensorSource, taken: set[str], others: bool) -> list[QuantizerStat
         st = fsq_state("", levels)
         st.notes.append("FSQ levels come from the config; the quantizer stores no tensor, so its "
                         "name is unknown.")
+        out.append(st)
+    return out
+
+
+def fsq_from_levels(src: TensorSource, claimed: set[str], levels: Sequence[int]) -> list[QuantizerState]:
+    """FSQ quantizers for levels the user gives (`--levels`), where no config names them.
+
+    An FSQ stores at most its projections (`project_in` [C * L, dim], `project_out` [dim, C * L],
+    L = len(levels)) and, with `orthogonal_rotation`, `orthogonal_rot` [L, L]. Unclaimed modules
+    of that layout are the candidates; those named like a quantizer win when several fit. With
+    none, the FSQ stores nothing, and one nameless state says so.
+    """
+    from vqdoctor.quantizers._tables import looks_quantizer
+
+    L = len(levels)
+    found: list[tuple[str, tuple[torch.Tensor, torch.Tensor | None] | None, Roles]] = []
+    for name in group_prefixes(src.keys(), ("project_in.weight", "project_out.weight")):
+        pin, pout = join(name, "project_in.weight"), join(name, "project_out.weight")
+        a, b = src.infos[pin].shape, src.infos[pout].shape
+        if len(a) != 2 or len(b) != 2 or a[0] % L or a[0] // L > 64 or b[1] != a[0] or b[0] != a[1] \
+                or not unclaimed((pin, pout), claimed):
+            continue
+        r = Roles(src)
+        proj = read_projection(r, join(name, "project_in"))
+        r.claim_under("project_out", join(name, "project_out"))
+        r.claim("orthogonal_rot", join(name, "orthogonal_rot"))
+        found.append((name, proj[:2] if proj else None, r))
+    for name in group_prefixes(src.keys(), ("orthogonal_rot",)):
+        key = join(name, "orthogonal_rot")
+        if tuple(src.infos[key].shape) == (L, L) and unclaimed((key,), claimed) \
+                and not any(n == name for n, _, _ in found):
+            r = Roles(src)
+            r.claim("orthogonal_rot", key)
+            found.append((name, None, r))
+    named = [f for f in found if looks_quantizer(f[0]) or "fsq" in f[0].lower()]
+    out = []
+    for name, proj, r in (named or found):
+        st = fsq_state(name, levels, proj, keys=r.keys, dtypes=r.dtypes)
+        st.notes.append(f"FSQ levels {list(levels)} given by the user; found by its layout "
+                        f"({'project_in / project_out' if proj else 'orthogonal_rot'}).")
+        out.append(st)
+    if not out:
+        st = fsq_state("", levels)
+        st.notes.append(f"FSQ levels {list(levels)} given by the user; no FSQ projection is stored "
+                        "(an FSQ with dim equal to len(levels) stores no tensor), so its name is "
+                        "unknown and only a probe can measure it.")
         out.append(st)
     return out
 

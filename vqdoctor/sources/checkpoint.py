@@ -16,7 +16,7 @@ from vqdoctor.checkpoint import open_checkpoint
 from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
 from vqdoctor.metrics.drift import drift_metrics
 from vqdoctor.metrics.params import param_drift
-from vqdoctor.metrics.probe import load_probe, probe_inputs, probe_metrics
+from vqdoctor.metrics.probe import probe_inputs, probe_metrics, read_probe
 from vqdoctor.quantizers import discover
 from vqdoctor.quantizers.base import QuantizerState
 from vqdoctor.results.model import QuantizerReport, QuantizerSeries, ReportSeries
@@ -41,6 +41,7 @@ def observe_checkpoints(
     quantizers: Sequence[str] | None = None,
     levels: Sequence[int] | None = None,
     trust_checkpoint: bool = False,
+    max_memory: int | str | None = None,
 ) -> Observation:
     """What one checkpoint, or several taken from one run (oldest first), shows.
 
@@ -51,6 +52,8 @@ def observe_checkpoints(
         quantizers: key prefixes naming the quantizers to use, when discovery is wrong or ambiguous.
         levels: FSQ levels, for FSQ quantizers (nothing of them is stored).
         trust_checkpoint: allow full unpickling (runs code from the file; only for files you trust).
+        max_memory: memory budget for reading any one input tensor (bytes, or "4GiB"; default
+            1 GiB); a probe over it is sampled, a checkpoint tensor refused with one line.
 
     Raises:
         VQDoctorError: a file cannot be read, holds no quantizer, or the probe fits none.
@@ -59,15 +62,18 @@ def observe_checkpoints(
     history: list[list[QuantizerState]] = []
     sources = []
     for p in paths:
-        src = open_checkpoint(p, trust=trust_checkpoint)
+        src = open_checkpoint(p, trust=trust_checkpoint, max_memory=max_memory)
         sources.append(src)
         history.append(discover(src, only=quantizers, levels=levels))
     states = history[-1]
 
     z_by_name: dict[str, torch.Tensor] = {}
+    probe_used: dict[str, str] = {}
     if probe is not None:
         # Raises ProbeError (naming the probe's shape and each quantizer's dim) when nothing fits.
-        z_by_name = probe_inputs(load_probe(str(probe)), states, path=str(probe))
+        loaded = read_probe(str(probe), max_memory=max_memory)
+        z_by_name = probe_inputs(loaded, states, path=str(probe))
+        probe_used = loaded.used
 
     metrics: dict[str, dict[str, float]] = {}
     for s in states:
@@ -92,6 +98,8 @@ def observe_checkpoints(
                               "container": last.container}
     if probe is not None:
         source["probe"] = str(probe)
+        if probe_used:  # which entry of a dict probe each quantizer was given
+            source["probe_entries"] = probe_used
     return Observation(evidence=ev, quantizers=reports, source=source, series=checkpoint_series(states))
 
 
