@@ -1,5 +1,5 @@
 """What `vqdoctor.watch` adds to a training step, next to the monitoring anchors of
-`reference/gpu-monitor-anchors.md`, measured in one run (interleaved rounds, medians).
+benchmarks/README.md#gpu-anchors, measured in one run (interleaved rounds, medians).
 
 Configurations, each with its own copy of the same model and optimizer:
 

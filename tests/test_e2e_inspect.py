@@ -5,8 +5,9 @@ No mocks and no hand-written tensors: every codebook comes out of the library's 
 (vector-quantize-pytorch, encodec `core_vq`, diffusers, transformers) or, for libraries that
 cannot be installed (rosinality, zalando, taming), out of the faithful re-implementations in
 `tests/fixtures/reference_quantizers.py`, updated by its own EMA or optimizer. Each scenario's
-docstring names the numerical mechanism it reproduces (research note §2.3) and the numbers it
-produced when written, so a change in a library shows up as a changed number, not a mystery.
+docstring names the numerical mechanism it reproduces (a section of
+docs/ema-and-layouts.md#how-codebooks-break-numerically) and the numbers it produced when written,
+so a change in a library shows up as a changed number, not a mystery.
 
 Trained states are module-scoped fixtures: each is built once, whatever number of tests read it.
 """
@@ -302,7 +303,7 @@ def test_healthy_layouts_are_read_as_their_library(healthy_lucidrains, healthy_e
 
 @pytest.fixture(scope="module")
 def dead_lucidrains(lib, out: Path) -> Paths:
-    """Dead codes drifting to the origin (§2.3): lucidrains `VectorQuantize`, 1024 codes in 64-d,
+    """Dead codes drifting to the origin (docs/ema-and-layouts.md#dead-codes-drift-to-the-origin): lucidrains `VectorQuantize`, 1024 codes in 64-d,
     no k-means (kaiming-uniform init), decay 0.8, inputs on a 4-d subspace; safetensors at step 5
     and step 60. Unused codes' counts and EMA sums decay together, so their rows stay put until
     decay^t ~ eps and then collapse to 0 (<= 1.32; from 1.34 they keep their init). Measured at
@@ -377,10 +378,11 @@ def tiny_vqmodel(lib: types.SimpleNamespace, n_codes: int = 64, dim: int = 4) ->
 
 @pytest.fixture(scope="module")
 def mismatch_diffusers(lib, out: Path) -> Paths:
-    """Scale mismatch at init (§2.3): diffusers `VQModel` with its default uniform(+-1/K) codebook
-    (||e|| ~0.02) against unit-scale encoder outputs (||z|| ~0.5), 20 Adam steps on random
-    images, `save_pretrained` folder; probe = `encode(x).latents` [B, D, H, W]. Measured: scale
-    ratio 23, nearest code 8 code spacings away, probe uses 27/64 codes (perplexity 10)."""
+    """Scale mismatch at init (docs/ema-and-layouts.md#scale-mismatch-at-init): diffusers `VQModel`
+    with its default uniform(+-1/K) codebook (||e|| ~0.02) against unit-scale encoder outputs
+    (||z|| ~0.5), 20 Adam steps on random images, `save_pretrained` folder; probe =
+    `encode(x).latents` [B, D, H, W]. Measured: scale ratio 23, nearest code 8 code spacings away,
+    probe uses 27/64 codes (perplexity 10)."""
     g = gen(6)
     model = tiny_vqmodel(lib)
     data = torch.randn(64, 3, 8, 8, generator=g)
@@ -456,10 +458,12 @@ def test_scale_mismatch_from_two_checkpoints_without_probe(mismatch_taming) -> N
 
 @pytest.fixture(scope="module")
 def blowup_rosinality(out: Path) -> Paths:
-    """Zero-init counts without debiasing (§2.3): rosinality `Quantize`, 512 codes in 64-d, decay
-    0.99, i.i.d. unit inputs of 1024 vectors, 5 steps. An unused code keeps m = decay^t e0 but its
-    smoothed count is ~eps. Measured: ~225 rows per level at ~6.7e3 x the median norm of the codes
-    in use (those are themselves inflated ~20x by the same division), perplexity 4.4/512."""
+    """Zero-init counts without debiasing
+    (docs/ema-and-layouts.md#zero-initialised-counts-blow-rows-up): rosinality `Quantize`, 512 codes
+    in 64-d, decay 0.99, i.i.d. unit inputs of 1024 vectors, 5 steps. An unused code keeps m =
+    decay^t e0 but its smoothed count is ~eps. Measured: ~225 rows per level at ~6.7e3 x the median
+    norm of the codes in use (those are themselves inflated ~20x by the same division), perplexity
+    4.4/512."""
     g = gen(8)
     model = VQVAE2Quantizers(64, 512)
     for _ in range(5):
@@ -579,10 +583,11 @@ def nonfinite_lucidrains(lib, out: Path) -> Paths:
 
 @pytest.fixture(scope="module")
 def fp16_encodec(lib, out: Path) -> Paths:
-    """fp16 EMA buffers where Laplace smoothing underflows (§2.3): an encodec codebook after
-    `.half()`, no k-means, decay 0.8, 256 codes, 8192 vectors on a 2-d subspace per step. An
-    unused code's smoothed count (0 + 1e-5) / (n + K eps) * n is exactly 0 in fp16, so
-    embed = embed_avg / 0 = Inf. Measured after 3 steps: 231/256 rows Inf."""
+    """fp16 EMA buffers where Laplace smoothing underflows
+    (docs/ema-and-layouts.md#smoothing-underflows-in-float16): an encodec codebook after `.half()`,
+    no k-means, decay 0.8, 256 codes, 8192 vectors on a 2-d subspace per step. An unused code's
+    smoothed count (0 + 1e-5) / (n + K eps) * n is exactly 0 in fp16, so embed = embed_avg / 0 =
+    Inf. Measured after 3 steps: 231/256 rows Inf."""
     g = gen(13)
     sample = subspace(g, 16, 2)
     codebook = lib.core_vq.EuclideanCodebook(16, 256, kmeans_init=False, decay=0.8).half()
@@ -707,9 +712,10 @@ def test_frozen_codebook_across_two_checkpoints(scenario: str, request: pytest.F
 def rvq_stage1_churn(lib, out: Path) -> Paths:
     """lucidrains `ResidualVQ` with 64 codes at stage 0 and 1024 at stage 1 (per-stage
     `codebook_size`), k-means init, decay 0.8, `threshold_ema_dead_code=2`, 1024 vectors per step.
-    Stage 0 sees n/K = 16 and is healthy; stage 1 sees n/K = 1, below the threshold, so most of
-    its codes fall under 2 every step and are reset to exactly 2 (§2.3 replacement churn).
-    Measured: stage 1 78% of counts == 2.0 at the last step; stage 0 none."""
+    Stage 0 sees n/K = 16 and is healthy; stage 1 sees n/K = 1, below the threshold, so most of its
+    codes fall under 2 every step and are reset to exactly 2 (replacement churn:
+    docs/ema-and-layouts.md#replacement-churn). Measured: stage 1 78% of counts == 2.0 at the last
+    step; stage 0 none."""
     g = gen(17)
     sample = mixture(g)
     rvq = lib.ResidualVQ(dim=16, num_quantizers=2, codebook_size=(64, 1024), kmeans_init=True,

@@ -62,7 +62,8 @@ def test_uniform_counts_and_head_averaging():
 
 
 def test_story_tiny_nonzero_counts_are_dead():
-    # 300 codes with tiny non-zero counts next to a handful holding everything (the SPEC story).
+    # 300 codes with tiny non-zero counts next to a handful holding everything (the user story,
+    # docs/contract.md#the-user-story).
     counts = torch.cat([torch.full((4,), 250.0), torch.full((300,), 1e-2), torch.zeros(208)])
     m = codebook_metrics(state(torch.randn(512, 8), counts))
     assert m["dead_fraction"] == pytest.approx(508 / 512)

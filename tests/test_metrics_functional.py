@@ -57,7 +57,8 @@ def test_laplace_smoothing_worked_example():
 
 
 def _ema_run(steps: int, decay: float, eps: float, debias: bool, k: int = 6, d: int = 3):
-    """EMA codebook built step by step with the research note's §2.1 equations (Sonnet / zalando style)."""
+    """EMA codebook built step by step with the equations of docs/ema-and-layouts.md#the-ema-update
+    (Sonnet / zalando style)."""
     g = torch.Generator().manual_seed(1)
     n_hidden, m_hidden = torch.zeros(k, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64)
     for _ in range(steps):

@@ -3,7 +3,7 @@
 `run_demo` trains two copies of one small model on synthetic data on the CPU, saves their
 checkpoints and probes, and diagnoses both with `vqdoctor.diagnosis.inspect_checkpoints`.
 
-## The model (the SPEC's user story at its own sizes, fewer steps)
+## The model (the user story of docs/contract.md#the-user-story at its own sizes, fewer steps)
 10-class Gaussian-mixture data (3 modes per class, 32-d inputs) -> encoder MLP to 128-d ending in
 a LayerNorm (the usual guard against encoder-norm growth, lucidrains #26) -> VQ-EMA layer
 (K = 512 codes of dimension 128, decay 0.99, Laplace eps 1e-5, codebook initialised from
@@ -11,10 +11,11 @@ encoder outputs like a k-means++ init, commitment 0.01) -> MLP head. Cross-entro
 commitment, Adam (lr 1e-3), gradient clipping 1.0, batch 512 (one token per example, so
 n/K = 1), 200 steps. Evaluation runs in eval mode in both runs.
 
-## The mechanism: zero-initialised EMA counts without debiasing (SPEC `ema-divergence`)
+## The mechanism: zero-initialised EMA counts without debiasing (`ema-divergence`)
 In the collapsing run `cluster_size` starts at zeros (as in rosinality, taming's `EmbeddingEMA`,
 zalando, encodec without k-means, lucidrains < 1.15.3) and the EMA is not debiased. The first
-update `embed = embed_avg / smoothed(cluster_size)` then divides by almost nothing:
+update `embed = embed_avg / smoothed(cluster_size)` then divides by almost nothing
+(docs/ema-and-layouts.md#zero-initialised-counts-blow-rows-up):
 
 * a code hit by c tokens of the first batch becomes ~`decay / ((1 - decay) c)` = 99/c times its
   initial vector (c = 1-3 with one token per example; ~290 of the 512 codes);

@@ -1,9 +1,9 @@
 """The classifier from vqdoctor's user story, on synthetic data (plain PyTorch, no vqdoctor).
 
-The story (SPEC.md): a classifier with a 128-d encoder feeding a 128-d VQ-EMA layer; commitment
-0.01, EMA decay 0.99, k-means++ init, gradient clipping 1.0, a 5-epoch loss warm-up, the VQ kept
-in training mode during evaluation. The person saw perplexity 1-2 in the first batch, the loss
-climbing to 1e13, accuracy at chance and ~280-300 codes with tiny non-zero counts.
+The story (docs/contract.md#the-user-story): a classifier with a 128-d encoder feeding a 128-d
+VQ-EMA layer; commitment 0.01, EMA decay 0.99, k-means++ init, gradient clipping 1.0, a 5-epoch loss
+warm-up, the VQ kept in training mode during evaluation. The person saw perplexity 1-2 in the first
+batch, the loss climbing to 1e13, accuracy at chance and ~280-300 codes with tiny non-zero counts.
 
     python examples/seed_report/train.py --out runs/exact               # the story's settings, correct VQ-EMA
     python examples/seed_report/train.py --bug zero-counts --layernorm --out runs/story   # the story

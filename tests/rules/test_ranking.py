@@ -142,7 +142,10 @@ def test_a_raising_rule_becomes_an_error_entry():
 
 
 def test_zero_initialised_ema_checkpoint_diagnosed_end_to_end():
-    """The SPEC story's mechanism on real tensors: one EMA step from zero counts, then a probe."""
+    """The user story's mechanism on real tensors: one EMA step from zero counts, then a probe.
+
+    The story: docs/contract.md#the-user-story.
+    """
     g = gen(0)
     K, D = 512, 64
     cb, z = torch.randn(K, D, generator=g), torch.randn(4096, D, generator=g)

@@ -15,8 +15,8 @@ from vqdoctor.metrics.names import ALL
 from vqdoctor.rules import registry
 from vqdoctor.rules.ranking import ROOT_ORDER
 
-# The SPEC's failure-mode table (stable ids; codes never reused).
-SPEC_TABLE = {
+# The failure-mode table of docs/contract.md#failure-modes (stable ids; codes never reused).
+FAILURE_MODES = {
     "VQ001": "non-finite", "VQ002": "loss-divergence", "VQ003": "scale-mismatch",
     "VQ004": "ema-divergence", "VQ005": "dead-codes", "VQ006": "index-collapse",
     "VQ007": "no-encoder-gradient", "VQ008": "frozen-codebook", "VQ009": "codebook-redundancy",
@@ -26,8 +26,8 @@ SECTIONS = ("What it detects", "Why it matters", "Signals and thresholds", "Fix"
 RULES = registry()
 
 
-def test_eleven_rules_matching_the_spec_table():
-    assert {r.spec.code: rid for rid, r in RULES.items()} == SPEC_TABLE
+def test_eleven_rules_matching_the_contract_table():
+    assert {r.spec.code: rid for rid, r in RULES.items()} == FAILURE_MODES
 
 
 @pytest.mark.parametrize("rid", list(RULES))

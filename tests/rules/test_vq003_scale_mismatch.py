@@ -110,8 +110,9 @@ def test_run_cosine_input_norm_growth_lucidrains_26():
 
 
 def test_run_drift_that_healed_but_left_dead_codes_is_reported_at_its_onset():
-    # the SPEC story's exact settings: the encoder outgrows the k-means codebook for a few hundred
-    # steps (ratio 1 -> 19 -> 150 -> 1.7), and the codes it skipped meanwhile stay dead
+    # the user story's exact settings (docs/contract.md#the-user-story): the encoder outgrows the
+    # k-means codebook for a few hundred steps (ratio 1 -> 19 -> 150 -> 1.7), and the codes it
+    # skipped meanwhile stay dead
     steps = list(range(0, 600, 10))
     ratio = [1.0] * 3 + [19.0] * 5 + [150.0] * 30 + [1.7] * 22
     perp = [200.0] * 3 + [5.0] * 35 + [20.0] * 22

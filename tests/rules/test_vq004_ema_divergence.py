@@ -112,7 +112,8 @@ def test_several_sub_causes_in_one_finding_worst_first():
 
 
 def test_run_blowup_with_counts_warming_up_from_zero_is_an_error():
-    # the SPEC story: counts at 0.049 x the tokens at step 0, 0.97 later; blown-up rows meanwhile
+    # the user story (docs/contract.md#the-user-story): counts at 0.049 x the tokens at step 0,
+    # 0.97 later; blown-up rows meanwhile
     steps = list(range(0, 300, 10))
     ratio = list(1 - 0.99 ** (np.arange(30) * 10 + 5))
     q = qev(series=frame(steps, ema_count_sum_to_tokens=ratio, blowup_ratio=[500.0] * 30, blowup_rows=[250.0] * 30))

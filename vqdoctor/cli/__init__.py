@@ -1,4 +1,4 @@
-"""Command-line interface (Typer): `vqdoctor demo | inspect | rules`.
+"""Command-line interface (Typer): `vqdoctor demo | inspect | watch | report | gate | rules`.
 
 A thin layer over the library: commands parse options, call the library, render the report with
 `vqdoctor.formats`, and map outcomes to exit codes in one place (`boundary`).

@@ -1,8 +1,8 @@
 """The CLI's one error boundary: every command runs inside `@boundary`.
 
-Exit codes (SPEC.md): 0 nothing at or above `--fail-on`; 1 findings at or above it; 2 could
-not analyse. An uncaught exception in a Typer command would exit 1 and read as "findings", so
-the boundary catches everything:
+Exit codes (docs/contract.md#exit-codes): 0 nothing at or above `--fail-on`; 1 findings at or above
+it; 2 could not analyse. An uncaught exception in a Typer command would exit 1 and read as
+"findings", so the boundary catches everything:
 
 - `VQDoctorError` -> `vqdoctor: error: <one line>` on stderr, exit 2;
 - `typer.BadParameter` (usage) -> left to Typer, which prints usage and exits 2;

@@ -48,8 +48,8 @@ def root(
     set_debug(debug)
 
 
-# The command table, in the order of SPEC.md. `watch`, `report` and `gate` register here, each
-# from its own module, when they exist.
+# The command table, in the order of docs/contract.md#commands; each command lives in its own
+# module.
 app.command("demo")(demo_cmd.demo)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("watch", cls=watch_cmd.RawArgsCommand,

@@ -24,7 +24,10 @@ def _finite(v: Any) -> Any:
 
 
 class JsonFormat(Format):
-    """Machine-readable report: the SPEC's JSON contract, `json.dumps(indent=2)`."""
+    """Machine-readable report: the JSON contract, `json.dumps(indent=2)`.
+
+    Contract: docs/contract.md#the-json-report.
+    """
 
     name = "json"
     suffix = ".json"

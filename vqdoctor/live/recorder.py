@@ -59,7 +59,7 @@ class Recorder:
 
     Args:
         model: the model (wrappers looked through).
-        quantizers: the live quantizers (`live.find_quantizers`).
+        quantizers: the live quantizers (`live.discovery.find_quantizers`).
         store: the run store writer.
         flush_every: F, steps between device->host copies.
         stats_every: C, steps between cadence statistics.

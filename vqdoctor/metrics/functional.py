@@ -82,7 +82,8 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """Perplexity of the usage distribution: exp(H(p)) with p = usage_distribution(counts).
 
     Ranges from 1 (one code) to K (uniform). All-zero counts give 1. It depends on how many
-    tokens the counts summarise (research note §5), so report it beside n and K.
+    tokens the counts summarise, so report it beside n and K
+    (docs/ema-and-layouts.md#perplexity-and-usage-conventions).
 
     Args:
         counts: `[..., K]` counts.
@@ -240,7 +241,8 @@ def laplace_smooth(counts: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 COSINE_NORM_EPS = (1e-6, 1e-12)
 
 
-# How an EMA codebook is computed from its statistics (`QuantizerState.ema_rule`):
+# How an EMA codebook is computed from its statistics (`QuantizerState.ema_rule`; the libraries:
+# docs/ema-and-layouts.md#library-variants):
 # "laplace": embed = embed_avg / laplace_smooth(cluster_size) (Sonnet, encodec, taming,
 #   vector-quantize-pytorch <= 1.32, ...; zalando stores the smoothed counts themselves);
 # "eps-blend": embed = (embed_avg + eps * embed) / (cluster_size + eps) (vector-quantize-pytorch

@@ -1,10 +1,10 @@
 """descript-audio-codec and transformers DAC: factorised, l2-normalised lookup, gradient-trained.
 
-Layouts (research note §3): `GROUP.quantizers.{q}.codebook.weight` [K, D] with the input projection
-`...in_proj` (1x1 Conv1d) stored as `weight_g`/`weight_v`/`bias` (descript, torch weight_norm),
-plain `weight` [D, dim, 1] (transformers), or `parametrizations.weight.original0/original1`
-(transformers after `apply_weight_norm()`). The lookup compares l2-normalised vectors: metric
-"cosine"; the stored codebook itself is not normalised.
+Layouts (docs/ema-and-layouts.md#state-dict-layouts): `GROUP.quantizers.{q}.codebook.weight` [K, D]
+with the input projection `...in_proj` (1x1 Conv1d) stored as `weight_g`/`weight_v`/`bias`
+(descript, torch weight_norm), plain `weight` [D, dim, 1] (transformers), or
+`parametrizations.weight.original0/original1` (transformers after `apply_weight_norm()`). The lookup
+compares l2-normalised vectors: metric "cosine"; the stored codebook itself is not normalised.
 """
 
 from __future__ import annotations

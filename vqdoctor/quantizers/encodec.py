@@ -1,9 +1,10 @@
 """encodec / audiocraft `core_vq` and transformers EnCodec (and its Xcodec/WavTokenizer relatives).
 
-Layouts (research note §3): encodec/audiocraft `P._codebook.{inited,cluster_size,embed,embed_avg}`
-with an optional per-stage `P.project_in` (Linear); transformers `P.codebook.{inited,cluster_size,
-embed,embed_avg}`. `embed` is [K, D], counts [K] (zero-initialised), eps 1e-5. Stages of a
-residual quantizer are `GROUP.layers.{q}` (e.g. `quantizer.vq.layers.3`, `quantizer.layers.3`).
+Layouts (docs/ema-and-layouts.md#state-dict-layouts): encodec/audiocraft
+`P._codebook.{inited,cluster_size,embed,embed_avg}` with an optional per-stage `P.project_in`
+(Linear); transformers `P.codebook.{inited,cluster_size,embed,embed_avg}`. `embed` is [K, D], counts
+[K] (zero-initialised), eps 1e-5. Stages of a residual quantizer are `GROUP.layers.{q}` (e.g.
+`quantizer.vq.layers.3`, `quantizer.layers.3`).
 """
 
 from __future__ import annotations

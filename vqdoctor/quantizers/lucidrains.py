@@ -1,6 +1,6 @@
 """vector-quantize-pytorch: VectorQuantize, ResidualVQ, GroupedResidualVQ, LFQ, SimVQ, FSQ.
 
-Layouts (research note §3): `P._codebook.{initted,cluster_size,embed_avg,embed}` ([H, K(, D)];
+Layouts (docs/ema-and-layouts.md#state-dict-layouts): `P._codebook.{initted,cluster_size,embed_avg,embed}` ([H, K(, D)];
 <= 1.26 `initted` (1,) float; before 0.9.0 a 2-D `embed`); residual stages `P.layers.{q}`, grouped
 `P.rvqs.{g}.layers.{q}`, projection `project_in` on the module or its residual parent; LFQ `P.mask`
 (int64 powers of two); SimVQ `P.frozen_codebook` + the parameters of `P.code_transform` (a Linear,
@@ -63,7 +63,10 @@ _COSINE_NORM_EPS = (1e-6, 1e-12)
 
 def _ema_consistent(embed: torch.Tensor, avg: torch.Tensor, n: torch.Tensor, cosine: bool,
                     rule: str = "laplace") -> bool:
-    """lucidrains invariant (§2.4) under `rule` (`metrics.functional.EMA_RULES`) on every row."""
+    """lucidrains invariant under `rule` (`metrics.functional.EMA_RULES`) on every row.
+
+    The invariant: docs/ema-and-layouts.md#checkpoint-consistency-checks.
+    """
     r = MF.ema_residual(embed, avg, torch.nan_to_num(n), eps=EPS, cosine=cosine, rule=rule)
     return bool((r < 1e-3).all())
 
@@ -76,6 +79,7 @@ def _ema_rule(embed: torch.Tensor, avg: torch.Tensor, n: torch.Tensor, cosine: b
     (cluster_size + eps). Rows with a small count tell them apart: the invariant of the wrong
     rule is off by ~1 there, the right one holds to ~eps / count. All-zero statistics exist only
     in the zero-initialising releases. The rule is reported with the quantizer (`ema_rule`).
+    Both releases: docs/ema-and-layouts.md#vector-quantize-pytorch-releases.
     """
     fin = torch.isfinite(n)
     if bool((n[fin] == 0).all()) and bool((avg == 0).all()):

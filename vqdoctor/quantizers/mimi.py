@@ -1,7 +1,8 @@
 """transformers Mimi: split residual quantizer with `embed_sum` / `cluster_usage` codebooks.
 
-Layout (research note §3): `GROUP.layers.{q}.codebook.{initialized,cluster_usage,embed_sum}` with
-GROUP e.g. `quantizer.semantic_residual_vector_quantizer` and `...acoustic_residual_vector_quantizer`
+Layout (docs/ema-and-layouts.md#state-dict-layouts):
+`GROUP.layers.{q}.codebook.{initialized,cluster_usage,embed_sum}` with GROUP e.g.
+`quantizer.semantic_residual_vector_quantizer` and `...acoustic_residual_vector_quantizer`
 (separate groups), and `GROUP.input_proj.weight` / `GROUP.output_proj.weight` 1x1 Conv1d
 ([D, dim, 1], no bias) shared by every stage. The lookup table is
 `embed_sum / clamp(cluster_usage, 1e-5)` (no Laplace smoothing).

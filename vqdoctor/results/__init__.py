@@ -1,4 +1,7 @@
-"""Report model and output formats."""
+"""The report: its model, chart series, published reference values and plot.
+
+Rendering it is `vqdoctor.formats`' job.
+"""
 
 from vqdoctor.results.model import (
     SCHEMA_VERSION,

@@ -1,4 +1,4 @@
-"""The report: what every output format renders. JSON contract: SPEC.md, `schema_version` 1.
+"""The report: what every output format renders. JSON contract: docs/contract.md#the-json-report.
 
 Besides the ranked findings a report carries what its charts need (`ReportSeries`: metrics
 over steps, the rank-frequency curve, code-norm histograms, per-head usage) and, per quantizer,
@@ -171,7 +171,8 @@ class Report:
         return f"{head} (diagnosis: {d.id})" if d else head
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON report (SPEC.md contract, schema_version 1); `series` only when collected."""
+        """The JSON report (schema_version 1, docs/contract.md#the-json-report); `series` only when
+        collected."""
         out = {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "vqdoctor", "version": self.tool_version},

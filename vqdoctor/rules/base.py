@@ -52,7 +52,9 @@ def json_value(v: Any) -> Any:
 
 @dataclass(frozen=True)
 class Finding:
-    """One diagnosis line (the SPEC's JSON `findings[]` entry).
+    """One diagnosis line: a `findings[]` entry of the JSON report.
+
+    Contract: docs/contract.md#the-json-report.
 
     Attributes:
         id: stable kebab-case failure-mode id, e.g. "scale-mismatch".

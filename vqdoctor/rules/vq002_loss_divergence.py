@@ -8,11 +8,11 @@ or more checkpoints of one run it reads what diverging steps leave behind: encod
 weights whose norm grew several times over between the first and the last.
 
 ## Why it matters
-A diverging optimisation drags the encoder outputs to huge norms, which pushes every input to
-the same code (dead codes, index collapse) and ends in NaN/Inf. The SPEC's user story ended at
-a loss of 1e13. The usual causes are a learning rate too high for the quantizer's losses, no
-(or ineffective) gradient clipping, and a commitment term that grows with `||z||`
-(lucidrains/vector-quantize-pytorch #26, #27, #69).
+A diverging optimisation drags the encoder outputs to huge norms, which pushes every input to the
+same code (dead codes, index collapse) and ends in NaN/Inf. The user story
+(docs/contract.md#the-user-story) ended at a loss of 1e13. The usual causes are a learning rate too
+high for the quantizer's losses, no (or ineffective) gradient clipping, and a commitment term that
+grows with `||z||` (lucidrains/vector-quantize-pytorch #26, #27, #69).
 
 ## Signals and thresholds
 - `loss` (run-wide): ratio to its running minimum (over positive values) >= `warn_ratio` (10)

@@ -13,12 +13,15 @@ For EMA quantizers (`vq-ema`) only, five sub-causes, named in the message and th
 5. **count mass**: the sum of EMA counts far from the tokens per step (x world size).
 
 ## Why it matters
-Blown-up rows are never selected again (dead for good); in our toy, used codes fell from 406
-to 6 in one step and perplexity from 199 to 1.7. The same division inflates the *used* codes by
-~decay/((1-decay) x count), so the whole codebook ends up on another scale than its inputs. In bf16 an EMA with decay 0.999 never moves
-(updates round away); fp16 Laplace smoothing underflows to 0, giving Inf/NaN rows. Evaluation
-passes that update the statistics make the codebook track evaluation data and replace codes
-from it (the SPEC's user story kept the VQ in training mode during evaluation).
+Blown-up rows are never selected again (dead for good); in our toy
+(docs/ema-and-layouts.md#zero-initialised-counts-blow-rows-up) used codes fell from 406 to 6 in one
+step and perplexity from 199 to 1.7. The same division inflates the *used* codes by
+~decay/((1-decay) x count), so the whole codebook ends up on another scale than its inputs. In bf16
+an EMA with decay 0.999 never moves (updates round away); fp16 Laplace smoothing underflows to 0,
+giving Inf/NaN rows. Evaluation passes that update the statistics make the codebook track evaluation
+data and replace codes from it (the user story, docs/contract.md#the-user-story, kept the VQ in
+training mode during evaluation). The arithmetic of each sub-cause:
+docs/ema-and-layouts.md#how-codebooks-break-numerically.
 
 ## Signals and thresholds
 - `blowup_ratio` (max / median code norm) >= `blowup_ratio_warn` (100) with `blowup_rows` > 0;
@@ -27,7 +30,7 @@ from it (the SPEC's user story kept the VQ in training mode during evaluation).
   of the median row: an encoder output of exactly 0 makes the origin the only live code, and
   every ordinary row would read as blown up 1e10 times). `error` too below 1e3 when the counts
   show the warm-up from zero: `ema_count_sum_to_tokens` <= `warmup_start_max` (0.2) on the first
-  recorded row and at least twice that later (sum = n (1 - decay^t): 0.049 -> 0.97 in the SPEC's
+  recorded row and at least twice that later (sum = n (1 - decay^t): 0.049 -> 0.97 in the user
   story). A blow-up that held `sustain_steps` rows over `transient_steps` (20) steps or more
   and faded while dead codes or a collapse remain is still reported: as the counts fill up the
   blown rows shrink back (decay^t), but the codes they held stay dead.

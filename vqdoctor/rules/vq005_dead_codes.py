@@ -4,9 +4,9 @@
 A large fraction of the codebook that the data do not use. From EMA counts (a count below 1% of
 the expected `n/K`), from a probe with enough vectors, from optimizer state (rows whose Adam
 second moment is exactly 0 never received a gradient), from FSQ level use and LFQ bit balance,
-and in a run from the EMA counts or the window usage. The mechanism the SPEC names is dead codes
-*while the scales match*; when another mechanism (scale mismatch, EMA blow-ups, churn) is found,
-ranking names it in `caused_by`.
+and in a run from the EMA counts or the window usage. The mechanism this failure mode names
+(docs/contract.md#failure-modes) is dead codes *while the scales match*; when another mechanism
+(scale mismatch, EMA blow-ups, churn) is found, ranking names it in `caused_by`.
 
 ## Why it matters
 A dead code costs capacity and never recovers by itself: the straight-through estimator gives

@@ -15,8 +15,9 @@ of the same quantizer (they are dead because one point is all the data there is;
 
 ## Why it matters
 A collapsed quantizer passes almost no information: reconstruction and downstream accuracy
-stall (the SPEC's user story stayed at chance). Huh et al. 2023 describe the set of assigned codes
-shrinking continuously as training goes on ("index collapse", a term from Kaiser et al. 2018).
+stall (the user story stayed at chance, docs/contract.md#the-user-story). Huh et al. 2023
+describe the set of assigned codes shrinking continuously as training goes on ("index
+collapse", a term from Kaiser et al. 2018).
 
 ## Signals and thresholds
 Effective perplexity fraction `f = perplexity / min(K, n)` (per-batch perplexity is bounded by

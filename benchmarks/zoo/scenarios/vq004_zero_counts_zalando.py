@@ -1,13 +1,14 @@
 """VQ004 ema-divergence: zero-initialised EMA counts without debiasing (zalando `VectorQuantizerEMA`).
 
 The zalando-research VQ-VAE notebook's EMA quantizer, copied inline (a standalone script cannot
-import it): `_ema_cluster_size` starts at zeros, decay 0.99, epsilon 1e-5, and the stored counts
-are the Laplace-smoothed ones. As the SPEC's user did (k-means++ init), the codebook and `_ema_w`
-are seeded with encoder outputs of the first batch; the counts stay zero. After the first update a
-code the batch missed gets `0.99 * w0 / ~1e-5`, ~10^5 times its init; a code hit c times gets
-~`0.99 * w0 / (0.01 c)`, inflated ~99/c times. The most-hit codes are inflated least and take
-every input from then on; the rest are never chosen again. (The notebook also re-creates its
-Parameters every step, so the optimizer holds stale copies: harmless here, nothing trains them.)
+import it): `_ema_cluster_size` starts at zeros, decay 0.99, epsilon 1e-5, and the stored counts are
+the Laplace-smoothed ones. As the user of the story did (docs/contract.md#the-user-story: k-means++
+init), the codebook and `_ema_w` are seeded with encoder outputs of the first batch; the counts stay
+zero. After the first update a code the batch missed gets `0.99 * w0 / ~1e-5`, ~10^5 times its init;
+a code hit c times gets ~`0.99 * w0 / (0.01 c)`, inflated ~99/c times. The most-hit codes are
+inflated least and take every input from then on; the rest are never chosen again. (The notebook
+also re-creates its Parameters every step, so the optimizer holds stale copies: harmless here,
+nothing trains them.)
 """
 
 from __future__ import annotations
