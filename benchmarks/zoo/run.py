@@ -1,7 +1,23 @@
-"""Run the fault-injection zoo under vqdoctor and print how often its top answer is right.
+"""Run the zoo under vqdoctor and print how often its top answer is right.
 
-    python benchmarks/zoo/run.py [--only PATTERN] [--jobs 2] [--out DIR] [--markdown FILE]
-    python benchmarks/zoo/run.py --out DIR --tables-only    # re-print the tables of a finished run
+Three sets (`--set`, default `generated`; `all` runs the first two):
+
+- `generated`: scenarios drawn by `gen/spec.py` from seeds `--start .. --start + --n - 1`,
+  split by seed into a tuning and a held-out split, labels confirmed against ablated twins
+  (`gen/confirm.py`), scored by `gen/score.py` (definitions there). The held-out split is
+  printed as aggregates only; its per-variant results go to `OUT/holdout_private.json`.
+- `thirdparty`: re-implementations of public VQ-VAE repositories' own model and loop with
+  their reported bug (`thirdparty/*.py`), each against its fix.
+- `legacy`: the 30 hand-written `scenarios/*.py`, as before (described below).
+
+    python benchmarks/zoo/run.py --set generated --n 300 --jobs 2 --out zoo-out
+    python benchmarks/zoo/run.py --set generated --split tune --only dead-codes --limit 10 --out zoo-out
+    python benchmarks/zoo/run.py --set all --out zoo-out --tables-only     # re-print finished runs
+
+The legacy set:
+
+    python benchmarks/zoo/run.py --set legacy [--only PATTERN] [--jobs 2] [--out DIR] [--markdown FILE]
+    python benchmarks/zoo/run.py --set legacy --out DIR --tables-only    # re-print a finished run
 
 For every `scenarios/*.py` (its `SCENARIO` dict is read with `ast.literal_eval`, never
 imported), into `DIR/<name>/`:
@@ -212,14 +228,30 @@ def summarise(results: list[dict], use_watch: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run the zoo under vqdoctor and print the accuracy table.")
-    ap.add_argument("--only", help="glob or substring of scenario names")
+    ap = argparse.ArgumentParser(description="Run the zoo under vqdoctor and print the accuracy tables.")
+    ap.add_argument("--set", choices=("generated", "thirdparty", "legacy", "all"), default="generated",
+                    help="which scenarios (all = generated + thirdparty)")
+    ap.add_argument("--only", help="generated: a fault class id, 'healthy', a kind or a mechanism; "
+                                   "legacy: a glob or substring of scenario names")
     ap.add_argument("--jobs", type=int, default=2, help="scenarios run at once")
-    ap.add_argument("--out", default="zoo-out", help="output folder (one subfolder per scenario)")
+    ap.add_argument("--out", default="zoo-out", help="output folder")
     ap.add_argument("--markdown", help="also write the tables to this file")
-    ap.add_argument("--tables-only", action="store_true",
-                    help="print the tables from DIR/results.json of an earlier run; run nothing")
+    ap.add_argument("--tables-only", action="store_true", help="print the tables of an earlier run; run nothing")
+    ap.add_argument("--n", type=int, default=300, help="generated: number of seeds drawn")
+    ap.add_argument("--start", type=int, default=0, help="generated: first seed")
+    ap.add_argument("--split", choices=("tune", "holdout", "both"), default="both", help="generated: which split")
+    ap.add_argument("--limit", type=int, help="generated: at most this many variants (after --only / --split)")
     args = ap.parse_args(argv)
+    if args.set == "legacy":
+        return main_legacy(args)
+    sys.path.insert(0, str(HERE / "gen"))
+    import zoo_sets  # noqa: E402  (benchmarks/zoo/gen/zoo_sets.py)
+
+    return zoo_sets.main(args)
+
+
+def main_legacy(args: argparse.Namespace) -> int:
+    """The hand-written scenarios (the set this runner started with)."""
     if args.tables_only:
         saved = json.loads((Path(args.out) / "results.json").read_text())
         table = summarise(saved, any(r["modes"]["watch"]["ok1"] is not None for r in saved))
