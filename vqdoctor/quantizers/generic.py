@@ -31,11 +31,12 @@ from vqdoctor.quantizers._tables import (
 from vqdoctor.quantizers.base import QuantizerState
 
 EPS = 1e-5  # the common default; the real value is not stored
-TABLE_NAMES = ("embed", "embedding", "embeddings", "codebook", "codes", "code_vectors")
+TABLE_NAMES = ("embed", "embedding", "embeddings", "codebook", "codes", "code_vectors", "table")
 COUNT_NAMES = ("cluster_size", "ema_cluster_size", "cluster_usage", "code_usage", "counts",
                "count", "usage", "N", "ema_count", "ema_counts", "embed_count")
-SUM_NAMES = ("embed_avg", "embed_sum", "ema_embed", "ema_w", "ema_dw", "dw", "z_avg", "code_avg")
-_WEIGHT_MODULE = re.compile(r"codebook|quanti[sz]|vq|embed")
+SUM_NAMES = ("embed_avg", "embed_sum", "ema_embed", "ema_w", "ema_dw", "dw", "z_avg", "code_avg", "sums",
+             "ema_sums", "embed_sums")
+_WEIGHT_MODULE = re.compile(r"codebook|quanti[sz]|vq|embed|table|codes")
 
 
 def _sibling(src: TensorSource, dirs: list[str], names: tuple[str, ...], ndim: int,
@@ -56,16 +57,39 @@ class GenericAdapter:
     name = "generic"
 
     def find(self, src: TensorSource, claimed: set[str]) -> list[QuantizerState]:
-        """Return every generic codebook in `src` not using a key in `claimed`."""
+        """Return every generic codebook in `src` not using a key in `claimed`.
+
+        A table with EMA-like siblings, or in a module named like a quantizer, is taken in any
+        model. A bare embedding-like table (`embedding.weight`, `table`, ... with no bias beside
+        it) in a module with a neutral name (`mid`, `block2`) is taken when it is the only such
+        table and no other quantizer was found: in a checkpoint that holds a quantizer at all,
+        it is the codebook.
+        """
         used, states = set(claimed), []
         for key in src.keys():
             state = self._table(src, key, used)
             if state is not None:
                 states.append(state)
                 used.update(state.keys.values())
+        if not states and not claimed:
+            bare = [k for k in src.keys() if k not in used and self._bare_table(src, k)]
+            if len(bare) == 1:
+                state = self._table(src, bare[0], used, bare=True)
+                if state is not None:
+                    states.append(state)
         return states
 
-    def _table(self, src: TensorSource, key: str, used: set[str]) -> QuantizerState | None:
+    @staticmethod
+    def _bare_table(src: TensorSource, key: str) -> bool:
+        """An embedding-like [K, D] table with no bias beside it (not a Linear / conv weight)."""
+        module, leaf = (key.rsplit(".", 1) if "." in key else ("", key))
+        kd = shape(src, key, 2)
+        if not kd or min(kd) < 2 or is_token_table(key) or not src.infos[key].dtype.is_floating_point:
+            return False
+        named = leaf in TABLE_NAMES or (leaf == "weight" and bool(_WEIGHT_MODULE.search(module.rsplit(".", 1)[-1])))
+        return named and join(module, "bias") not in src.infos
+
+    def _table(self, src: TensorSource, key: str, used: set[str], bare: bool = False) -> QuantizerState | None:
         module, leaf = (key.rsplit(".", 1) if "." in key else ("", key))
         kd = shape(src, key, 2)
         is_weight = leaf == "weight" and bool(_WEIGHT_MODULE.search(module.rsplit(".", 1)[-1]))
@@ -80,11 +104,13 @@ class GenericAdapter:
             way = (invariant_orientation(src, key, sums) if sums else None) or "kd"
         quantizer_named = looks_quantizer(module) or looks_quantizer(leaf) \
             or (is_weight and looks_quantizer(parent(module)))
-        if not (counts or sums or quantizer_named):
+        if not (counts or sums or quantizer_named or bare):
             return None
         ema = bool(counts or sums)
         notes = [f"{key} read by the generic adapter as a {'[D, K]' if way == 'dk' else '[K, D]'} "
-                 f"codebook{' with EMA statistics' if ema else ''}"]
+                 f"codebook{' with EMA statistics' if ema else ''}"
+                 + (" (the checkpoint's only embedding-like table; name the quantizer with --quantizer "
+                    "if it is not)" if bare and not ema else "")]
         if ema:
             notes.append(f"Laplace-smoothing eps is not stored: assumed {EPS:g}")
         if kd[0] == kd[1] and way == "kd":
