@@ -74,9 +74,10 @@ def test_explicit_prefix_reads_unusual_names():
     sd = {"enc.weight": torch.randn(6, 16), "my_vq.table": q.embed, "my_vq.hits": q.cluster_size,
           "my_vq.running_sum": q.embed_avg, "my_vq.initted": q.initted}
     src = source_from_state_dict(sd)
-    with pytest.raises(NoQuantizerError):
-        discover(src)
-    [state] = discover(src, only=["my_vq"])
+    # found alone as the checkpoint's only bare table, its statistics not recognised by name
+    [auto] = discover(src)
+    assert (auto.name, auto.kind, auto.cluster_size) == ("my_vq", "vq", None)
+    [state] = discover(src, only=["my_vq"])  # named: the siblings are read
     assert (state.name, state.kind, state.library, state.initted) == ("my_vq", "vq-ema", "user", True)
     assert state.keys["cluster_size"] == "my_vq.hits" and state.keys["embed_avg"] == "my_vq.running_sum"
     torch.testing.assert_close(state.codebook[0], q.embed)

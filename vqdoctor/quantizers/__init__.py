@@ -92,10 +92,13 @@ def discover(src: TensorSource, *, only: Sequence[str] | None = None,
     if only:
         from vqdoctor.quantizers import generic
 
-        picked = [s for s in states if _matches(s.name, only)]
+        # a named prefix is read explicitly (its siblings by shape), unless a library adapter
+        # recognised it; the generic adapter's reading of it is the fallback
+        picked = [s for s in states if _matches(s.name, only) and s.library != "generic"]
         for p in only:
             if not any(_matches(s.name, [p]) for s in picked):
-                picked.extend(generic.explicit(src, p.rstrip("."), levels=levels))
+                named = generic.explicit(src, p.rstrip("."), levels=levels)
+                picked.extend(named or [s for s in states if _matches(s.name, [p]) and s.library == "generic"])
         states = picked
     elif levels:
         for s in states:

@@ -73,11 +73,19 @@ class GenericAdapter:
                 used.update(state.keys.values())
         if not states and not claimed:
             bare = [k for k in src.keys() if k not in used and self._bare_table(src, k)]
-            if len(bare) == 1:
+            if len(bare) == 1 and not self._vocabulary(src, bare[0]):
                 state = self._table(src, bare[0], used, bare=True)
                 if state is not None:
                     states.append(state)
         return states
+
+    @staticmethod
+    def _vocabulary(src: TensorSource, key: str) -> bool:
+        """True when the table has a vocabulary head beside it: another [K, D] tensor or a bias of
+        length K elsewhere (a language model's output layer), so it is a token table."""
+        kd = tuple(src.infos[key].shape)
+        return any(k != key and (tuple(i.shape) == kd or (k.endswith("bias") and tuple(i.shape) == kd[:1]))
+                   for k, i in src.infos.items())
 
     @staticmethod
     def _bare_table(src: TensorSource, key: str) -> bool:
