@@ -559,7 +559,8 @@ def find_quantizers(model: nn.Module, quantizers: Sequence[str | nn.Module] | No
     except NoQuantizerError:
         states = []
     for s in states:
-        if any(_under(s.name, c) for c in custom):
+        # a checkpoint's only bare table is a guess; a live module shows by class or behaviour
+        if any(_under(s.name, c) for c in custom) or (s.extra.get("guessed") and not named):
             continue
         lq = _from_state(index, s, raw_of)
         if lq is not None and lq.name not in out:

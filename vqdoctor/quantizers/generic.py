@@ -76,6 +76,7 @@ class GenericAdapter:
             if len(bare) == 1 and not self._vocabulary(src, bare[0]):
                 state = self._table(src, bare[0], used, bare=True)
                 if state is not None:
+                    state.extra["guessed"] = True  # by position alone: live discovery goes by behaviour
                     states.append(state)
         return states
 

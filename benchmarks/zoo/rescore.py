@@ -1,7 +1,7 @@
 """Re-diagnose a finished generated-zoo run with the installed vqdoctor, in one process.
 
-    python benchmarks/zoo/gen/rescore.py --out zoo-out --split tune       # full tables
-    python benchmarks/zoo/gen/rescore.py --out zoo-out --split holdout    # aggregates only
+    python benchmarks/zoo/rescore.py --out zoo-out --split tune       # full tables
+    python benchmarks/zoo/rescore.py --out zoo-out --split holdout    # aggregates only
 
 The trainings, twins and label checks of `run.py` are reused as they are; only the diagnoses
 change: `watch` is `vqdoctor.report(RUN_DIR)` over the run the watch recorded (so a change to what
@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gen"))
 
 import score  # noqa: E402
 import spec as S  # noqa: E402
