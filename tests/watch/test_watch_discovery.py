@@ -139,3 +139,47 @@ def test_separate_top_level_calls_under_the_launcher(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert [(q["name"], q["codebook_size"]) for q in report["quantizers"]] == [("", K)], proc.stderr
     assert report["complete"] and report["quantizers"][0]["metrics"]["tokens"] == pytest.approx(64)
+
+
+CLOCKS = """
+import sys
+import torch
+from torch import nn
+from vector_quantize_pytorch import VectorQuantize
+torch.manual_seed(0)
+mode = sys.argv[1]
+enc, vq, dec = nn.Linear(4, 8), VectorQuantize(dim=8, codebook_size=32, decay=0.8), nn.Linear(8, 4)
+params = [*enc.parameters(), *dec.parameters()]  # the EMA quantizer has no parameters
+opt = torch.optim.SGD(params, lr=1e-2)
+for _ in range(30):
+    x = torch.randn(64, 4)
+    q, _, commit = vq(enc(x))          # the quantizer is its own root
+    loss = (dec(q) - x).pow(2).mean() + commit.sum()
+    if mode == "optimizer":
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    else:                              # a hand-written update, no torch.optim at all
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                p -= 1e-2 * p.grad
+                p.grad = None
+"""
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "hand-written"])
+def test_the_step_clock_of_a_parameter_free_root(tmp_path: Path, mode: str) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(CLOCKS)
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "watch", "--run-dir", str(tmp_path / "run"),
+                           "--no-panel", "--flush-every", "10", "--format", "json", "--output", str(out),
+                           "--", sys.executable, str(script), mode],
+                          capture_output=True, text=True, timeout=300)
+    assert out.exists(), proc.stderr
+    df = vqdoctor.load_run(tmp_path / "run")
+    steps = df[(df["record"] == "step") & (df["quantizer"] == "")]
+    assert steps["step"].tolist() == list(range(30)), proc.stderr  # one step per update, not one in all
+    assert (steps["tokens"] == 64).all()
+

@@ -338,6 +338,14 @@ class Doctor:
         if self._recorder is not None and not self.closed:
             self._recorder.user_step(loss)
 
+    def saw_backward(self) -> None:
+        """Tell the step clock a backward pass ran (the launcher calls it from its `backward`
+        wrapper): without an optimizer step of the model, a training forward after a backward
+        starts the next step (hand-written updates)."""
+        rec = self._recorder
+        if rec is not None and not self.closed:
+            rec.saw_backward()
+
     def record_loss(self, loss: Any) -> None:
         """Record the loss of the current step without ending it (the step clock stays as it is).
 

@@ -540,8 +540,14 @@ class _Agent:
 
             @functools.wraps(original)
             def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-                if agent.doctor is not None and not agent.loss_off:
-                    agent._loss(tensors, args, kwargs)
+                if agent.doctor is not None:
+                    try:
+                        if os.getpid() == agent.attach_pid:
+                            agent.doctor.saw_backward()
+                    except Exception:
+                        pass
+                    if not agent.loss_off:
+                        agent._loss(tensors, args, kwargs)
                 return original(tensors, *args, **kwargs)
 
             backward._vqdoctor_wrapped = True  # type: ignore[attr-defined]

@@ -88,6 +88,8 @@ class Recorder:
         self.step_has_data = False
         self.fwd_step = self.step
         self.grad_step = -1
+        self._opt_stepped = False   # an optimizer of this model has stepped
+        self._backward_seen = False  # a backward ran since the last training forward
         self.closed = False
         self.on_flush: list[Callable[[list[dict[str, Any]]], None]] = []
         self.events: list[dict[str, Any]] = []
@@ -262,6 +264,12 @@ class Recorder:
                 if self.pending and not self.explicit:
                     self.pending = False
                     self._advance()
+                elif (not self.explicit and not self._opt_stepped and self._backward_seen
+                      and self.fwd_since_advance):
+                    # no optimizer steps this model (a hand-written update): a training forward
+                    # after a backward starts the next step
+                    self._advance()
+                self._backward_seen = False
                 if self.step % self.C == 0 and p.cadence_step != self.step and p.pre_step != self.step:
                     off = self._disabled_names(p.i)
                     if "stats" not in off and "pre" not in off:
@@ -309,13 +317,16 @@ class Recorder:
     # ------------------------------------------------------------------ optimizer hooks
 
     def _owns(self, opt: torch.optim.Optimizer) -> bool:
+        """True when `opt` steps this model: it holds model parameters, or the model has none in
+        any optimizer (an EMA quantizer watched as its own root, the loop calling encoder,
+        quantizer and decoder one after the other: the optimizer holds only the others)."""
         n = sum(len(g["params"]) for g in opt.param_groups)
         cached = self._opt_owner.get(id(opt))
         if cached is not None and cached[0] == n:
             return cached[1]
         model_ids = {id(p) for p in self.model.parameters()}
         ids = {id(p) for g in opt.param_groups for p in g["params"]}
-        owns = bool(ids & model_ids)
+        owns = bool(ids & model_ids) or not any(o for _, o in self._opt_owner.values())
         self._opt_owner[id(opt)] = (n, owns)
         if owns:
             self._opt_param_ids |= ids
@@ -333,9 +344,11 @@ class Recorder:
             self._grad_norms(s - self.interval_start)
 
     def _opt_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.explicit or not self.fwd_since_advance or not self._owns(opt):
+        if self.explicit or not self._owns(opt):
             return
-        self.pending = True
+        self._opt_stepped = True
+        if self.fwd_since_advance:
+            self.pending = True
 
     def _encoder_learns(self) -> bool:
         """True when encoder-side parameters require grad and a stepping optimizer holds them."""
@@ -421,6 +434,10 @@ class Recorder:
             except Exception as e:
                 self.fail((-1, "loss"), e)
         self._advance()
+
+    def saw_backward(self) -> None:
+        """A backward pass ran (the launcher's wrapper): the step clock when no optimizer steps."""
+        self._backward_seen = True
 
     def _record_loss(self, loss: Any) -> None:
         if isinstance(loss, torch.Tensor):

@@ -473,11 +473,14 @@ def writer_gone(run_dir: Path, quiet_s: float = 60.0) -> Any:
 def records_frame(streams: dict[int, list[dict[str, Any]]]):
     """One row per rank x step x quantizer (run-wide rows have quantizer ""), metric columns.
 
+    A quantizer that is the watched model itself is also named "": `record` ("step" for a
+    quantizer's row, "run" for the run-wide one) keeps the two apart.
+
     Args:
         streams: rank -> records (as from `load_records`).
 
     Returns:
-        pandas.DataFrame with columns rank, step, quantizer, then metric names (float).
+        pandas.DataFrame with columns rank, step, quantizer, record, then metric names (float).
     """
     import pandas as pd
 
@@ -490,19 +493,20 @@ def records_frame(streams: dict[int, list[dict[str, Any]]]):
             row = {k: v for k, v in r.items() if k not in ("t", "q")}
             row["rank"] = rank
             row["quantizer"] = r.get("q", "") if t == "step" else ""
+            row["record"] = t
             rows.append(row)
     if not rows:
-        return pd.DataFrame(columns=["rank", "step", "quantizer"])
+        return pd.DataFrame(columns=["rank", "step", "quantizer", "record"])
     df = pd.DataFrame(rows)
     # a step's quantizer record and its run record of one rank are one row each; merge duplicates
     # (several flushes never repeat a step, but be tolerant)
-    df = df.groupby(["rank", "step", "quantizer"], sort=True, as_index=False).last()
-    metric_cols = [c for c in df.columns if c not in ("rank", "step", "quantizer")]
+    df = df.groupby(["rank", "step", "quantizer", "record"], sort=True, as_index=False).last()
+    metric_cols = [c for c in df.columns if c not in ("rank", "step", "quantizer", "record")]
     for c in metric_cols:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df["rank"] = df["rank"].astype(int)
     df["step"] = df["step"].astype(int)
-    return df[["rank", "step", "quantizer", *sorted(metric_cols)]].reset_index(drop=True)
+    return df[["rank", "step", "quantizer", "record", *sorted(metric_cols)]].reset_index(drop=True)
 
 
 def load_run(run_dir: str | os.PathLike[str]):

@@ -74,7 +74,7 @@ def _world_size(meta: dict[str, Any], streams: dict[int, list[dict[str, Any]]]) 
 
 def _aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """Rank-aggregated per-step frame (index = step) from per-rank rows of one quantizer."""
-    cols = [c for c in df.columns if c not in ("rank", "step", "quantizer")]
+    cols = [c for c in df.columns if c not in ("rank", "step", "quantizer", "record")]
     if not cols:
         return pd.DataFrame(index=pd.Index([], name="step"))
     g = df.groupby("step")
@@ -250,7 +250,7 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
     window_counts: dict[str, np.ndarray] = {}
     for info in infos:
         name = str(info["name"])
-        sub = df[df["quantizer"] == name] if len(df) else df
+        sub = df[(df["quantizer"] == name) & (df["record"] == "step")] if len(df) else df
         series = _aggregate(sub) if len(sub) else pd.DataFrame(index=pd.Index([], name="step"))
         steps, wins, W = _hist_windows(streams, name)
         if wins:
@@ -290,7 +290,7 @@ def evidence_from_records(meta: dict[str, Any], streams: dict[int, list[dict[str
             heads=int(info.get("heads") or 1), group=info.get("group"), stage=info.get("stage"),
             metric=str(info.get("metric", "euclidean")), ema_rule=info.get("ema_rule"), metrics=metrics,
             series=series.sort_index() if len(series.columns) else None, notes=notes.get(name, [])))
-    run_rows = df[df["quantizer"] == ""] if len(df) else df
+    run_rows = df[df["record"] == "run"] if len(df) else df
     run_series = _aggregate(run_rows) if len(run_rows) else None
     all_steps = sorted(set(df["step"].tolist())) if len(df) else []
     summary = {"world_size": world, "steps": len(all_steps),
