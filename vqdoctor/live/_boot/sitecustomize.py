@@ -10,7 +10,7 @@ It must be cheap and must never break the program:
 2. **Arm**: when `VQDOCTOR_WATCH` holds the watch configuration (JSON), a one-shot import hook
    (`sys.meta_path` finder) waits for `torch`. Nothing else is imported, so an interpreter that
    never imports torch pays a few microseconds.
-3. **Hand over**: right after `torch` has finished importing, `vqdoctor.live.launcher.agent_boot`
+3. **Hand over**: right after `torch` has finished importing, `vqdoctor.live.agent.agent_boot`
    registers the global hooks that find the model at its first forward (see that module).
 
 Any failure prints one line to stderr (`vqdoctor: warning: ...`) and the program runs unwatched.
@@ -116,15 +116,15 @@ def _vqdoctor_torch_loaded(config: dict) -> None:
     """torch is imported: start vqdoctor's agent (never raises)."""
     try:
         try:
-            from vqdoctor.live import launcher
+            from vqdoctor.live import agent
         except ImportError:
             # the watched command runs another environment: use the vqdoctor that launched it
             extra = config.get("path")
             if not extra or extra in _sys.path:
                 raise
             _sys.path.append(extra)
-            from vqdoctor.live import launcher
-        launcher.agent_boot(config)
+            from vqdoctor.live import agent
+        agent.agent_boot(config)
     except Exception as e:
         _vqdoctor_warn(f"could not start the watch ({type(e).__name__}: {e})")
 
