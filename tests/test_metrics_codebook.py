@@ -9,6 +9,7 @@ import torch
 
 from tests.libs import LUCIDRAINS_ZERO_INIT
 from vqdoctor.metrics import functional as F
+from vqdoctor.metrics import geometry as G
 from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram, usage_weights
 from vqdoctor.metrics.names import CODEBOOK
 from vqdoctor.quantizers.base import QuantizerState
@@ -107,10 +108,10 @@ def test_geometry_samples_the_kept_rows_like_the_functions_do():
     keep[10:20] = False
     keep[30] = False
     m = codebook_metrics(state(cb, kind="vq"))
-    med, dup = F.pairwise_summary(cb[keep], 1e-2, 4096)
+    med, dup = G.pairwise_summary(cb[keep], 1e-2, 4096)
     assert m["intercode_dist_median"] == med
     assert m["duplicate_fraction"] == float(dup.double().mean())
-    assert m["effective_rank"] == F.effective_rank(cb[keep], 4096)
+    assert m["effective_rank"] == G.effective_rank(cb[keep], 4096)
     assert m["effective_rank_fraction"] == pytest.approx(m["effective_rank"] / 8)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vqdoctor.metrics import functional as F
+from vqdoctor.metrics import geometry as G
 
 
 def test_usage_entropy_perplexity_by_hand():
@@ -156,15 +157,15 @@ def test_effective_rank_of_rank_two_codebook():
     g = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(16, 2, generator=g))
     cb = torch.randn(4096, 2, generator=g) @ basis.T + 3.0  # offset: centring must remove it
-    assert F.effective_rank(cb) == pytest.approx(2.0, abs=0.05)
-    assert F.effective_rank(torch.randn(8192, 16, generator=g)) > 15.0
-    assert F.effective_rank(torch.zeros(10, 4)) == 0.0
+    assert G.effective_rank(cb) == pytest.approx(2.0, abs=0.05)
+    assert G.effective_rank(torch.randn(8192, 16, generator=g)) > 15.0
+    assert G.effective_rank(torch.zeros(10, 4)) == 0.0
 
 
 def test_median_pairwise_distance_by_hand():
     # points 0, 1, 3 on a line: distances 1, 3, 2 -> median 2
-    assert F.median_pairwise_distance(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)
-    assert math.isnan(F.median_pairwise_distance(torch.zeros(1, 3)))
+    assert G.median_pairwise_distance(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)
+    assert math.isnan(G.median_pairwise_distance(torch.zeros(1, 3)))
 
 
 def test_near_duplicates():
@@ -172,10 +173,10 @@ def test_near_duplicates():
     cb = torch.randn(64, 8, generator=g) + 100.0  # far from the origin: cdist precision matters
     cb[5] = cb[3] + 1e-4
     cb[9] = cb[7]
-    dup = F.near_duplicates(cb, rel=1e-2)
+    dup = G.near_duplicates(cb, rel=1e-2)
     assert sorted(torch.nonzero(dup).flatten().tolist()) == [3, 5, 7, 9]
-    assert not F.near_duplicates(torch.zeros(1, 4)).any()
-    assert F.near_duplicates(torch.zeros(5, 4)).all()  # identical rows, median distance 0
+    assert not G.near_duplicates(torch.zeros(1, 4)).any()
+    assert G.near_duplicates(torch.zeros(5, 4)).all()  # identical rows, median distance 0
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 9, 50])
@@ -186,13 +187,13 @@ def test_pairwise_stats_match_brute_force_across_blocks(monkeypatch, k):
     cb = torch.randn(k, 6, generator=g) + 50.0
     if k > 4:
         cb[4] = cb[1]
-    monkeypatch.setattr(F, "PAIR_BLOCK_ELEMENTS", 3 * k)
-    med, dup = F.pairwise_summary(cb, rel=1e-2, max_codes=None)
+    monkeypatch.setattr(G, "PAIR_BLOCK_ELEMENTS", 3 * k)
+    med, dup = G.pairwise_summary(cb, rel=1e-2, max_codes=None)
     d = torch.cdist(cb.double(), cb.double())
     pairs = d[torch.ones(k, k, dtype=torch.bool).triu(1)].sort().values
     assert med == pytest.approx(float(pairs[(pairs.numel() - 1) // 2]), rel=1e-5)
     nearest = (d + torch.diag(torch.full((k,), math.inf, dtype=torch.float64))).min(1).values
-    _, got = F._pairwise_stats(cb)
+    _, got = G._pairwise_stats(cb)
     assert torch.allclose(got, nearest, rtol=1e-5, atol=1e-4)
     assert dup.tolist() == (nearest < 1e-2 * med).tolist()
 
@@ -200,18 +201,18 @@ def test_pairwise_stats_match_brute_force_across_blocks(monkeypatch, k):
 def test_sample_masked_rows_equals_sampling_the_masked_table():
     g = torch.Generator().manual_seed(0)
     table, mask = torch.randn(1000, 3, generator=g), torch.rand(1000, generator=g) > 0.3
-    want = table[mask][F.sample_rows(int(mask.sum()), 100)]
-    got, n = F.sample_masked_rows(table, mask, 100)
+    want = table[mask][G.sample_rows(int(mask.sum()), 100)]
+    got, n = G.sample_masked_rows(table, mask, 100)
     assert n == int(mask.sum()) and torch.equal(got, want)
-    assert torch.equal(F.sample_masked_rows(table, mask, None)[0], table[mask])
+    assert torch.equal(G.sample_masked_rows(table, mask, None)[0], table[mask])
 
 
 def test_sampling_is_deterministic_and_bounded():
     cb = torch.randn(5000, 4)
-    a = F.median_pairwise_distance(cb, max_codes=300)
-    assert a == F.median_pairwise_distance(cb, max_codes=300)
-    assert F.near_duplicates(cb, max_codes=300).shape == (300,)
-    assert F.sample_rows(10, 20) is None
+    a = G.median_pairwise_distance(cb, max_codes=300)
+    assert a == G.median_pairwise_distance(cb, max_codes=300)
+    assert G.near_duplicates(cb, max_codes=300).shape == (300,)
+    assert G.sample_rows(10, 20) is None
 
 
 def test_nearest_codes_euclidean_vs_cosine():

@@ -15,6 +15,7 @@ import torch
 
 from vqdoctor.metrics import device
 from vqdoctor.metrics import functional as F
+from vqdoctor.metrics import geometry as G
 from vqdoctor.metrics import usage as U
 from vqdoctor.metrics.constants import BLOWUP_FACTOR, DEAD_ABS, DEAD_REL, NEAR_ZERO_REF, ZERO_REL
 from vqdoctor.quantizers.base import QuantizerState
@@ -266,9 +267,9 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
         dups.append(dup)
         xr = x
         if min(n, rank_rows) != x.shape[0]:  # D > 256: a larger sample than the pairwise one
-            xr = F.sample_masked_rows(cb[h], keep[h], rank_rows)[0]
+            xr = G.sample_masked_rows(cb[h], keep[h], rank_rows)[0]
             xr = F.l2normalize(xr.to(torch.float32)) if cosine else xr
-        er = F.effective_rank(xr)
+        er = G.effective_rank(xr)
         ranks.append(er)
         rank_fracs.append(er / min(n, D))
     for name, vals in (("duplicate_fraction", dups), ("intercode_dist_median", meds),
@@ -292,7 +293,7 @@ def _redundancy(table: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor | No
     at a large scale around dead ones left at their init would otherwise set a threshold far
     above the spacing of the table.
     """
-    x, n = F.sample_masked_rows(table, keep, PAIRWISE_MAX_CODES)
+    x, n = G.sample_masked_rows(table, keep, PAIRWISE_MAX_CODES)
     if n < 2:
         return None
     if cosine:
@@ -300,9 +301,9 @@ def _redundancy(table: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor | No
     live = None
     if dead is not None:  # the sampled rows' flags: the rows sample_masked_rows gathered, in order
         rows = keep.nonzero().squeeze(1)
-        pick = F.sample_rows(n, PAIRWISE_MAX_CODES)
+        pick = G.sample_rows(n, PAIRWISE_MAX_CODES)
         live = ~dead[rows if pick is None else rows[pick]]
-    med, dup = F.pairwise_summary(x, DUPLICATE_REL, None, live=live)
+    med, dup = G.pairwise_summary(x, DUPLICATE_REL, None, live=live)
     return med, float(dup.double().mean()), (x, n)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from vqdoctor.errors import ProbeError
 from vqdoctor.metrics import functional as F
+from vqdoctor.metrics import geometry as G
 from vqdoctor.metrics.codebook import PAIRWISE_MAX_CODES
 from vqdoctor.metrics.probe_load import WRAPPER_KEYS, LoadedProbe, Probe, load_probe, read_probe
 from vqdoctor.quantizers.base import QuantizerState
@@ -338,7 +339,7 @@ def _usage(idx: torch.Tensor, K: int, prefix: str = "probe_") -> dict[str, float
             f"{prefix}top1_share": float(counts.max()) / idx.numel()}
 
 
-def gumbel_choices(logits: torch.Tensor, seed: int = F.SAMPLE_SEED) -> torch.Tensor:
+def gumbel_choices(logits: torch.Tensor, seed: int = G.SAMPLE_SEED) -> torch.Tensor:
     """The codes a Gumbel-softmax quantizer picks for `[n, K]` logits, as it does in eval mode.
 
     taming `GumbelQuantize` (and its ports) run `F.gumbel_softmax(logits, hard=True)` in eval too
@@ -483,10 +484,10 @@ def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False
         # Finite rows from the norms (a row's norm is finite iff its elements are), sampled
         # before they are gathered: the rows median_pairwise_distance would sample from
         # cb[i][finite], without copying the table or normalising rows it never uses.
-        e, _ = F.sample_masked_rows(cb[i], torch.isfinite(F.row_norms(cb[i])), PAIRWISE_MAX_CODES)
+        e, _ = G.sample_masked_rows(cb[i], torch.isfinite(F.row_norms(cb[i])), PAIRWISE_MAX_CODES)
         if q.metric == "cosine":
             e = F.l2normalize(e.to(torch.float32))
-        meds.append(F.median_pairwise_distance(e, None))
+        meds.append(G.median_pairwise_distance(e, None))
     meds = [m for m in meds if math.isfinite(m)]
     if meds and sum(meds) > 0:
         out["nearest_to_intercode"] = out["nearest_dist_median"] / (sum(meds) / len(meds))
