@@ -306,7 +306,9 @@ def _threshold_check(check: str, q: QuantizerReport, kind: str, th: GateThreshol
                      finding: Finding | None) -> Check:
     spec = getattr(th, check)
     if spec is None:
-        return Check(q.name, check, Status.SKIP, "turned off by configuration", finding=finding)
+        default_off = getattr(GateThresholds(), check) is None
+        why = f"off (opt in: --{check.replace('_', '-')})" if default_off else "turned off by configuration"
+        return Check(q.name, check, Status.SKIP, why, finding=finding)
     sources = [_RUN] if kind == "run" else ([_PROBE, _EMA] if has_probe else [_EMA])
     measured = [(src, r) for src in sources
                 if (r := _measure(check, q, src, th, window_steps)) is not None]

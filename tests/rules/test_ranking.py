@@ -101,6 +101,16 @@ def test_info_findings_come_last_and_explain_nothing():
                              ("rank-desync", None)]
 
 
+def test_a_cause_takes_the_severity_of_what_it_explains():
+    # 63 of 64 codes dead is a warning on its own; the collapse it explains is an error
+    ranked = rank([f("index-collapse", severity="error"), f("dead-codes", severity="warning"),
+                   f("codebook-redundancy", "q1", severity="warning")], RULES)
+    assert [(x.id, x.severity) for x in ranked] == [
+        ("dead-codes", "error"), ("index-collapse", "error"), ("codebook-redundancy", "warning")]
+    assert ranked[0].evidence["severity_own"] == "warning"
+    assert "severity_own" not in ranked[1].evidence
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_no_cycles_and_nothing_lost(seed):
     rnd = random.Random(seed)
@@ -110,8 +120,15 @@ def test_no_cycles_and_nothing_lost(seed):
                step=rnd.choice([None, 0, 10, 10, 50])) for _ in range(12)]
     ranked = rank(found, RULES, {"q0": "g", "q1": "g"})
     assert ranked == rank(found, RULES, {"q0": "g", "q1": "g"})  # deterministic
-    key = lambda x: repr((x.id, x.quantizer, x.step, x.severity))  # noqa: E731
+    own = lambda x: x.evidence.get("severity_own", x.severity)  # noqa: E731
+    key = lambda x: repr((x.id, x.quantizer, x.step, own(x)))  # noqa: E731
     assert sorted(map(key, ranked)) == sorted(map(key, found))  # nothing lost or duplicated
+    # a cause is at least as severe as what it explains; raised only then
+    rank_of = {"error": 0, "warning": 1, "info": 2}
+    for x in ranked:
+        kids = [y for y in ranked if y.caused_by == x.id]
+        if own(x) != x.severity:
+            assert any(rank_of[y.severity] == rank_of[x.severity] for y in kids), chain(ranked)
     # every finding's cause appears before it: the caused_by graph is a forest, ranked top-down
     for i, x in enumerate(ranked):
         if x.caused_by is not None:

@@ -7,6 +7,9 @@ that held first (run mode) is the cause; without steps, `ROOT_ORDER` decides.
 Evidence can widen the graph for one finding: a finding whose `evidence["explains"]` lists ids
 explains those findings too, and none of them can be its cause (index-collapse whose inputs have
 no spread explains the dead codes beside it; without that evidence dead codes explain a collapse).
+
+Severity follows impact: a cause takes the worst severity of the findings it explains (its own is
+kept as `evidence["severity_own"]`), and chains are ordered by it.
 """
 
 from __future__ import annotations
@@ -150,15 +153,36 @@ def rank(findings: list[Finding], rules: dict[str, Rule],
     for i, j in parent.items():
         children.setdefault(j, []).append(i)
 
+    # Severity follows impact: a cause is at least as severe as the worst finding it explains
+    # (dead codes that leave one code in use are the error their collapse is).
+    worst: dict[int, int] = {}
+
+    def impact(i: int, seen: frozenset[int] = frozenset()) -> int:
+        if i not in worst:
+            own = Severity(ordered[i].severity).rank
+            worst[i] = min([own, *(impact(c, seen | {i}) for c in children.get(i, []) if c not in seen)])
+        return worst[i]
+
+    def key(i: int) -> tuple:
+        return (impact(i), *_key(ordered[i])[1:])
+
     out: list[int] = []
 
     def emit(i: int) -> None:
         out.append(i)
-        for c in sorted(children.get(i, []), key=lambda c: _key(ordered[c])):
+        for c in sorted(children.get(i, []), key=key):
             emit(c)
 
     roots = [i for i in range(len(ordered)) if i not in parent]
-    for i in sorted(roots, key=lambda i: _key(ordered[i])):
+    for i in sorted(roots, key=key):
         emit(i)
-    return [dataclasses.replace(ordered[i], caused_by=ordered[parent[i]].id if i in parent else None)
-            for i in out]
+    return [_raised(ordered[i], impact(i), ordered[parent[i]].id if i in parent else None) for i in out]
+
+
+def _raised(f: Finding, rank: int, caused_by: str | None) -> Finding:
+    """`f` with `caused_by` set and its severity raised to `rank` (said in its evidence)."""
+    if rank >= Severity(f.severity).rank:
+        return dataclasses.replace(f, caused_by=caused_by)
+    sev = next(s for s in Severity if s.rank == rank)
+    evidence = {**f.evidence, "severity_own": f.severity} if isinstance(f.evidence, dict) else f.evidence
+    return dataclasses.replace(f, caused_by=caused_by, severity=sev.value, evidence=evidence)
