@@ -72,6 +72,35 @@ def test_gradient_spike_near_threshold():
     assert check(RULE, run(run_series=frame(grad_norm_decoder=g))) == []
 
 
+def test_a_loss_jump_that_recovers_is_a_warning():
+    # a learning-rate spike: one step blows the loss up 7x, training then recovers most of it
+    rng = np.random.default_rng(0)
+    loss = list(np.linspace(1.0, 0.5, 70) * (1 + 0.05 * rng.standard_normal(70)))
+    loss += [3.5, 1.2, 0.9] + [0.7] * 30
+    f = one(RULE, run(run_series=frame(loss=loss)))
+    assert (f.severity, f.step) == ("warning", 70)
+    assert f.evidence["loss_jump_factor"] > 5 and f.evidence["loss_jump_step"] == 70
+
+
+def test_noisy_batches_are_not_a_jump():
+    # small batches: the loss of single steps 3-4x its recent median stays below jump_factor (5)
+    rng = np.random.default_rng(1)
+    loss = list(np.exp(rng.normal(0.0, 0.4, 500)))
+    assert max(loss[i] / np.median(loss[max(0, i - 10):i]) for i in range(5, 500)) < 5
+    assert check(RULE, run(run_series=frame(loss=loss))) == []
+
+
+def test_an_encoder_output_jump_explains_its_scale_growth():
+    # a cosine lookup hides the divergence from the loss; ||z|| jumps 170x between two rows
+    z = [0.7, 1.3, 1.8, 2.0, 340.0, 560.0, 600.0, 610.0]
+    q = qev(series=frame(range(0, 160, 20), z_norm_median=z), metric="cosine", name="tok")
+    f = one(RULE, run(q, run_series=frame(loss=[1.0] * 160)))
+    assert (f.severity, f.step, f.evidence["z_jump_quantizer"]) == ("warning", 80, "tok")
+    assert f.evidence["explains"] == ["scale-mismatch"]
+    steady = qev(series=frame(range(0, 160, 20), z_norm_median=[0.7 * 1.9 ** i for i in range(8)]))
+    assert check(RULE, run(steady, run_series=frame(loss=[1.0] * 160))) == []
+
+
 def test_checkpoint_is_silent():
     assert check(RULE, checkpoint(qev({"perplexity": 1.0}))) == []
 

@@ -36,11 +36,11 @@ def test_near_the_info_and_warning_fractions():
     f = one(RULE, checkpoint(measured(counts_state(counts))))
     assert (f.severity, f.evidence["dead_codes"]) == ("info", 250)
     assert "published models" in f.message and f.evidence["published_utilization"]
-    counts[:699] = 0.0
+    counts[:799] = 0.0
     assert one(RULE, checkpoint(measured(counts_state(counts)))).severity == "info"
-    counts[:700] = 0.0  # most of the codebook wasted
+    counts[:800] = 0.0  # most of the codebook wasted
     f = one(RULE, checkpoint(measured(counts_state(counts))))
-    assert (f.severity, f.evidence["dead_codes"]) == ("warning", 700)
+    assert (f.severity, f.evidence["dead_codes"]) == ("warning", 800)
 
 
 def test_relative_to_expected_count_not_absolute():
@@ -109,11 +109,11 @@ def test_run_transient_is_silent():
 
 def test_run_usage_window_skips_short_windows():
     K = 512
-    usage = [0.2] * 10 + [0.3] * 10
+    usage = [0.1] * 10 + [0.2] * 10
     tokens = [1000] * 10 + [4096] * 10  # only the last 10 rows saw >= 4K vectors
     f = one(RULE, run(qev(series=frame(usage_window=usage, window_tokens=tokens), K=K)))
     assert (f.step, f.evidence["source"], f.severity) == (10, "usage_window", "warning")
-    assert f.evidence["dead_fraction"] == 0.7
+    assert f.evidence["dead_fraction"] == 0.8
 
 
 def test_probe_dead_share_is_counted_against_the_reachable_codes():

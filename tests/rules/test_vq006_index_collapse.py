@@ -97,6 +97,30 @@ def test_collapsed_inputs_make_index_collapse_the_root():
     assert [(x.id, x.caused_by) for x in findings][:2] == [("dead-codes", None), ("index-collapse", "dead-codes")]
 
 
+def test_saturated_inputs_make_index_collapse_the_root():
+    """A tanh head driven into its bounds: the inputs sit on a few corners of the box (spread
+    left, so not "collapsed to a point"), a few codes take everything."""
+    from vqdoctor.rules import run_rules
+
+    g = gen(6)
+    K, D = 64, 8
+    cb = 0.3 * torch.randn(K, D, generator=g)
+    corners = torch.sign(torch.randn(3, D, generator=g))
+    z = torch.tanh(40.0 * (corners[torch.randint(0, 3, (2048,), generator=g)]
+                           + 0.05 * torch.randn(2048, D, generator=g)))
+    q = measured(state(cb, kind="vq"), probe=z)
+    assert q.metrics["z_saturated"] > 0.9 and q.metrics["z_spread"] > 0.1
+    f = one(RULE, checkpoint(q))
+    assert f.severity == "error" and f.message.startswith("encoder outputs saturated")
+    assert f.evidence["explains"] == ["dead-codes"]
+    findings, _ = run_rules(checkpoint(q))
+    assert [(x.id, x.caused_by) for x in findings if x.severity != "info"][:2] == [
+        ("index-collapse", None), ("dead-codes", "index-collapse")]
+    # the same head before it saturates: continuous outputs, nothing at the bound
+    calm = measured(state(cb, kind="vq"), probe=torch.tanh(0.5 * torch.randn(2048, D, generator=g)))
+    assert calm.metrics["z_saturated"] < 0.01
+
+
 def test_rows_unchanged_bound_the_perplexity_of_a_gradient_codebook():
     # 4 of 512 rows moved between the checkpoints: at most 4 codes were selected
     f = one(RULE, checkpoint(qev({"rows_unchanged_fraction": 508 / 512}, kind="vq", K=512)))

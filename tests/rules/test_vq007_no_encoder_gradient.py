@@ -87,6 +87,24 @@ def test_projected_quantizers_are_not_compared():
         assert check(RULE, run(q)) == []
 
 
+def test_a_cosine_lookup_far_from_unit_norm_is_not_compared():
+    # a cosine codebook normalises z inside: the input gradient is the output's divided by ||z||
+    # (||z|| = 611 after a learning-rate spike read task ratio 0.0013, passthrough 0.00095)
+    cols = dict(st_grad_ratio=[0.0013] * 10, st_grad_cos=[0.73] * 10, st_grad_passthrough=[0.00095] * 10,
+                st_grad_task_ratio=[0.0013] * 10, st_code_space=[1.0] * 10)
+    assert check(RULE, run(qev(series=frame(**cols), metric="cosine"))) == []
+    assert one(RULE, run(qev(series=frame(**cols)))).severity == "error"  # the same numbers, euclidean
+
+
+def test_an_output_without_gradient():
+    # the code returned from a buffer table without straight-through: the recorder writes ratio 0
+    q = qev(series=frame(st_grad_ratio=[0.0] * 10, st_grad_passthrough=[0.0] * 10,
+                         st_output_no_grad=[1.0] * 10, st_code_space=[1.0] * 10))
+    f = one(RULE, run(q))
+    assert f.severity == "error" and f.evidence["st_output_no_grad"] == 1.0
+    assert "without the straight-through" in f.message and "(q - z).detach()" in f.fix
+
+
 def test_detached_encoder_output():
     # vq(z.detach()): the input does not require grad; the recorder writes ratio 0
     q = qev(series=frame(st_grad_ratio=[0.0] * 10, st_grad_passthrough=[0.0] * 10,

@@ -183,3 +183,101 @@ def test_the_step_clock_of_a_parameter_free_root(tmp_path: Path, mode: str) -> N
     assert steps["step"].tolist() == list(range(30)), proc.stderr  # one step per update, not one in all
     assert (steps["tokens"] == 64).all()
 
+
+
+GRADIENT_PATHS = """
+import sys
+import torch
+from torch import nn
+torch.manual_seed(0)
+mode = sys.argv[1]
+
+
+class Buffered(nn.Module):
+    # an EMA-style quantizer: the table is a buffer, not a parameter
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("embed", torch.randn(32, 8))
+
+    def forward(self, z):
+        i = torch.cdist(z, self.embed).argmin(-1)
+        q = self.embed[i]
+        with torch.no_grad():
+            self.embed.index_copy_(0, i, 0.9 * self.embed[i] + 0.1 * z.detach())
+        out = q if mode == "no-st" else z + (q - z).detach()   # no-st: the code itself, no gradient
+        return out, i, (q - z).pow(2).mean()
+
+
+enc, vq, dec = nn.Linear(4, 8), Buffered(), nn.Linear(8, 4)
+params = [*enc.parameters(), *dec.parameters()]
+for _ in range(40):
+    x = torch.randn(64, 4)
+    z = enc(x)
+    q, _, commit = vq(z.detach() if mode == "detach" else z)   # the quantizer is its own root
+    loss = (dec(q) - x).pow(2).mean() + 0.25 * commit
+    loss.backward()
+    with torch.no_grad():                                        # a hand-written update
+        for p in params:
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+                p.grad = None
+"""
+
+
+@pytest.mark.parametrize("mode", ["healthy", "detach", "no-st"])
+def test_a_broken_gradient_path_of_a_quantizer_called_on_its_own(tmp_path: Path, mode: str) -> None:
+    # encoder(x), quantizer(z), decoder(q) as three calls and no torch.optim: the launcher finds
+    # the encoder by the tensor it hands the quantizer, and the step clock runs on backward
+    script = tmp_path / "train.py"
+    script.write_text(GRADIENT_PATHS)
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "watch", "--run-dir", str(tmp_path / "run"),
+                           "--no-panel", "--flush-every", "10", "--stats-every", "2", "--format", "json",
+                           "--output", str(out), "--", sys.executable, str(script), mode],
+                          capture_output=True, text=True, timeout=300)
+    assert out.exists(), proc.stderr
+    report = json.loads(out.read_text())
+    assert report["complete"] and [q["codebook_size"] for q in report["quantizers"]] == [32], proc.stderr
+    ids = [f["id"] for f in report["findings"] if f["severity"] in ("error", "warning")]
+    if mode == "healthy":
+        assert "no-encoder-gradient" not in ids, report["findings"]
+        return
+    assert ids and ids[0] == "no-encoder-gradient", report["findings"]
+    top = report["findings"][0]
+    key = "st_input_no_grad" if mode == "detach" else "st_output_no_grad"
+    assert top["severity"] == "error" and top["evidence"][key] == 1, top
+
+
+class TinyInitNet(nn.Module):
+    """taming's VectorQuantizer2 (uniform(+-1/K) init) under unit-scale encoder outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.vq, self.dec = nn.Linear(16, 16), VectorQuantizer2(128, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, loss, _ = self.vq(self.enc(x)[..., None, None])
+        return self.dec(q[..., 0, 0]), loss
+
+
+def test_a_run_tells_rows_never_selected_from_the_codes_in_use(tmp_path) -> None:
+    # the codes in use move to the data's scale, the rest keep their tiny init bit for bit:
+    # that is the scale mismatch (as two checkpoints show it), not 'duplicate' codes
+    torch.manual_seed(0)
+    model = TinyInitNet()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    data = torch.randn(4096, 16)
+    with vqdoctor.watch(model, tmp_path / "run", flush_every=20) as doctor:
+        for _ in range(120):
+            x = data[torch.randint(0, 4096, (256,))]
+            y, aux = model(x)
+            loss = (y - x).pow(2).mean() + aux
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doctor.step(loss=loss)
+    report = vqdoctor.report(tmp_path / "run")
+    m = report.quantizers[0].metrics
+    assert 0.25 <= m["rows_unchanged_fraction"] < 1 and m["moved_rows_norm_ratio"] > 5, m
+    ids = [f.id for f in report.findings if f.severity in ("error", "warning")]
+    assert ids[0] == "scale-mismatch" and "codebook-redundancy" not in ids, report.findings

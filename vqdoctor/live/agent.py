@@ -76,6 +76,9 @@ class _Agent:
         self.failed = False
         self.loss_off = False
         self.checked: weakref.WeakSet = weakref.WeakSet()
+        # storage of each parameterised root's latest output: a quantizer the loop calls on its
+        # own finds its encoder among them (`_upstream`)
+        self.outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list[Any] = []
         self._warned: set[str] = set()
 
@@ -149,7 +152,7 @@ class _Agent:
             depth = self.depth
             self.depth = depth + 1
             if depth == 0:
-                self._consider(module)
+                self._consider(module, args)
         except Exception as e:
             self._disarm()
             self._warn("attach", f"could not attach the watch ({type(e).__name__}: {e}); "
@@ -162,9 +165,16 @@ class _Agent:
         try:
             if not _compiling():
                 self.depth = max(0, self.depth - 1)
+                if self.depth == 0 and module in self.checked and next(module.parameters(), None) is not None:
+                    self.outputs[module] = _storages(output)
         except Exception:
             pass
         return None
+
+    def _upstream(self, args: Any) -> list[Any]:
+        """Roots seen earlier whose latest output is (a view or a detached copy of) an input."""
+        mine = _storages(args)
+        return [m for m, out in list(self.outputs.items()) if out & mine] if mine else []
 
     def _eligible(self) -> bool:
         """Only a program's main process, or a torch.distributed rank, attaches."""
@@ -188,7 +198,7 @@ class _Agent:
         except Exception:
             return False
 
-    def _consider(self, root: Any) -> None:
+    def _consider(self, root: Any, args: Any = ()) -> None:
         if root in self.checked:
             return
         self.checked.add(root)
@@ -199,16 +209,17 @@ class _Agent:
         from vqdoctor.live.discovery import find_quantizers
 
         found = find_quantizers(root)
+        upstream = self._upstream(args)
         if not found:
-            self._watch_behaviour(root)
+            self._watch_behaviour(root, upstream)
             return
         if any(_watched_already(q.module) for q in found):
             self._disarm()
             _say("the program runs vqdoctor.watch itself; the launcher's watch stands down")
             return
-        self._attach(root, found)
+        self._attach(root, found, upstream=upstream)
 
-    def _watch_behaviour(self, root: Any) -> None:
+    def _watch_behaviour(self, root: Any, upstream: list[Any]) -> None:
         """No known layout in this root: hook its candidate modules (`live.behaviour`); the first
         whose forward returns indices into its own table is watched (its root is the model)."""
         from vqdoctor.live.behaviour import candidates, confirms
@@ -227,7 +238,7 @@ class _Agent:
                     if confirms(index.innermost(name) or m, output):
                         for h in handles:
                             h.remove()
-                        self._attach(root, [], named=[name])
+                        self._attach(root, [], named=[name], upstream=upstream)
                 except Exception as e:
                     for h in handles:
                         h.remove()
@@ -237,7 +248,8 @@ class _Agent:
         for name, module in candidates(index, []):
             handles.append(module.register_forward_hook(make(name)))
 
-    def _attach(self, root: Any, found: list[Any], named: list[str] | None = None) -> None:
+    def _attach(self, root: Any, found: list[Any], named: list[str] | None = None,
+                upstream: list[Any] | None = None) -> None:
         from vqdoctor.errors import ConfigError
         from vqdoctor.live.doctor import watch
 
@@ -251,6 +263,8 @@ class _Agent:
             self._warn("export", f"{e}; the run is recorded without that export")
             doctor = watch(root, c["run_dir"], **kwargs)
         self._disarm()  # the global hooks are no longer needed: the Doctor hooks the quantizers
+        self.outputs = weakref.WeakKeyDictionary()
+        doctor.set_upstream([m for m in upstream or [] if m is not root])
         doctor.start()
         self.doctor = doctor
         self.attach_pid = os.getpid()
@@ -300,6 +314,24 @@ class _Agent:
             doc.close("failed" if self.failed else "finished")
         except Exception as e:
             self._warn("close", f"could not finish the run record ({type(e).__name__}: {e})")
+
+
+def _storages(obj: Any, depth: int = 0) -> set[int]:
+    """Storage addresses of the tensors in `obj` (a tensor, or tuples / lists / dicts of them)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        try:
+            return {obj.untyped_storage().data_ptr()} if obj.numel() else set()
+        except Exception:
+            return set()
+    if depth > 1:
+        return set()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    out: set[int] = set()
+    for x in list(items)[:8]:
+        out |= _storages(x, depth + 1)
+    return out
 
 
 def _model_name(root: Any) -> str:

@@ -11,11 +11,11 @@ import torch
 
 # per-quantizer cadence columns; the forward-time block [0, N_FWD) is written with one copy
 (Z_NORM, CODE_NORM, QERR, NF_IN, NF_OUT, NF_BUF, DRIFT_NORM, JUMPED, COUNT_SUM, NEAREST, SPACING,
- CODE_MAX, BLOWUP_N, FWD_CHANGE, Z_SPREAD) = range(15)
-N_FWD = 15
+ CODE_MAX, BLOWUP_N, FWD_CHANGE, Z_SPREAD, Z_SAT) = range(16)
+N_FWD = 16
 # straight-through (backward) and codebook-gradient columns
-ST_GOUT, ST_GIN, ST_DOT, GN_CB, ST_NOGRAD_IN, ST_DOT_R, ST_RR = 15, 16, 17, 18, 19, 20, 21
-NST = 22
+ST_GOUT, ST_GIN, ST_DOT, GN_CB, ST_NOGRAD_IN, ST_DOT_R, ST_RR = range(N_FWD, N_FWD + 7)
+NST = N_FWD + 7
 # eval-mutation columns (per quantizer and slot, zero-reset): changed forwards, sum of their
 # codebook RMS changes
 EVM_COUNT, EVM_CHANGE = 0, 1

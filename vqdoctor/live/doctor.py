@@ -133,6 +133,8 @@ class Doctor:
             "config": dict(self.config), "quantizers": [], "steps": None,
         }
         self._recorder = None
+        self._upstream: list[Any] = []
+        self._first_tables: dict[str, Any] | None = None  # gradient-trained codebooks at the first flush
         self._alerts: dict[tuple[str, str | None], Alert] = {}
         self._alerts_at = -1
         self._tail: StoreTail | None = None
@@ -196,6 +198,8 @@ class Doctor:
                        hist_every=self.config["hist_every"], start_step=self.config["start_step"],
                        world_size=self.world_size)
         rec.on_flush.extend(self._callbacks)
+        rec.on_flush.append(self._snapshot_tables)
+        rec.upstream = list(self._upstream)
         rec.attach()
         self._recorder = rec
         self.started = True
@@ -283,6 +287,24 @@ class Doctor:
 
                 close_exporters(self._callbacks)
 
+    def _snapshot_tables(self, records: list[dict[str, Any]]) -> None:
+        """At the first flush: a host copy of each gradient-trained codebook (up to 2**24 values),
+        so the end of the run can tell the rows never selected since (bit for bit unchanged: no
+        gradient reached them) from the codes in use, as two checkpoints do."""
+        if self._first_tables is not None:
+            return
+        self._first_tables = {}
+        try:
+            import torch
+
+            with torch.no_grad():
+                for q in self.quantizers:
+                    cb = q.codebook() if q.state.kind == "vq" else None
+                    if cb is not None and cb.numel() <= 2 ** 24 and cb.is_floating_point():
+                        self._first_tables[q.name] = cb.detach().float().cpu().clone()
+        except Exception:
+            self._first_tables = {}
+
     def _codebook_records(self, rec: Any) -> list[dict[str, Any]]:
         """Checkpoint-style metrics of each live codebook at the end of the session."""
         import dataclasses
@@ -306,6 +328,11 @@ class Doctor:
                         cluster_size=None if n is None else n.detach().float().cpu().clone(),
                         embed_avg=None, optimizer=None, initted=_live_initted(q))
                 m = codebook_metrics(st)
+                first = (self._first_tables or {}).get(q.name)
+                if first is not None and st.codebook is not None and first.shape == st.codebook.shape:
+                    from vqdoctor.metrics.drift import rows_unchanged
+
+                    m.update(rows_unchanged(first, st.codebook))
                 from vqdoctor.results.series import code_norm_record  # the report's norm histogram
 
                 out.append({"t": "codebook", "step": rec.step, "q": q.name, **m, **code_norm_record(st.codebook)})
@@ -337,6 +364,14 @@ class Doctor:
         """
         if self._recorder is not None and not self.closed:
             self._recorder.user_step(loss)
+
+    def set_upstream(self, modules: list[Any]) -> None:
+        """Modules outside the watched model whose output it quantizes (the launcher finds them
+        when the loop calls `encoder(x)` and `quantizer(z)` one after the other): their parameters
+        are the encoder side of the step clock's gradient checks. Call before `start`."""
+        self._upstream = list(modules)
+        if self._recorder is not None:
+            self._recorder.upstream = list(modules)
 
     def saw_backward(self) -> None:
         """Tell the step clock a backward pass ran (the launcher calls it from its `backward`

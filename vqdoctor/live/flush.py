@@ -46,6 +46,7 @@ from vqdoctor.live.arena import (
     ST_NOGRAD_IN,
     ST_RR,
     Z_NORM,
+    Z_SAT,
     Z_SPREAD,
 )
 from vqdoctor.metrics import usage as U
@@ -251,6 +252,7 @@ def cadence_metrics(q: QuantizerInterval, st: np.ndarray, counts: np.ndarray, s:
         m["scale_ratio"] = z / c if c > 0 else float("inf")
     put("quant_error_rel", float(st[QERR]))
     put("z_spread", float(st[Z_SPREAD]))
+    put("z_saturated", float(st[Z_SAT]))
     near, spacing = float(st[NEAREST]), float(st[SPACING])
     put("nearest_dist_median", near)
     put("intercode_dist_median", spacing)
@@ -305,6 +307,12 @@ def _straight_through(q: QuantizerInterval, st: np.ndarray, encoder_learns: Call
                 # the input gradient without its component along z - q (the commitment term)
                 along = dot_r * dot_r / rr if rr > 0 and math.isfinite(rr) else 0.0
                 m["st_grad_task_ratio"] = math.sqrt(max(gin * gin - along, 0.0)) / gout
+        m["st_code_space"] = 1.0 if q.st_code_space else 0.0
+    elif float(st[ST_NOGRAD_IN]) == 2.0:
+        # the input requires grad, the output does not: no task gradient can pass the quantizer
+        m["st_grad_ratio"] = 0.0
+        m["st_grad_passthrough"] = 0.0
+        m["st_output_no_grad"] = 1.0
         m["st_code_space"] = 1.0 if q.st_code_space else 0.0
     elif float(st[ST_NOGRAD_IN]) == 1.0 and encoder_learns():
         # the quantizer's input does not require grad while an encoder that should learn

@@ -47,6 +47,7 @@ from vqdoctor.live.arena import (
     ST_NOGRAD_IN,
     ST_RR,
     Z_NORM,
+    Z_SAT,
     Z_SPREAD,
     Arena,
     Clock,
@@ -230,6 +231,7 @@ class QuantizerProbe:
             if zs is not None:
                 vals[Z_NORM] = torch.linalg.vector_norm(zs, dim=-1).median()
                 vals[Z_SPREAD] = MD.input_spread(zs, self.q.state.metric == "cosine")
+                vals[Z_SAT] = MD.saturated_share(zs)  # of the code-space inputs, as a probe
             else:
                 # before an input map we cannot evaluate (DAC's in_proj, a Gumbel head): the
                 # module's own input vectors; a collapsed input is collapsed on either side
@@ -283,13 +285,17 @@ class QuantizerProbe:
         self.cadence_seen = True
         # straight-through passthrough: gradient hooks on this forward's output and input. An
         # input that does not require grad (the encoder output was detached, or no encoder) is
-        # flagged; the flush decides whether an encoder that should learn is behind it.
+        # flagged 1; the flush decides whether an encoder that should learn is behind it. An
+        # output that carries no gradient while the input does (the code looked up from a
+        # buffer and returned without z + (q - z).detach()) is flagged 2.
         if "st" not in ctx.disabled(self.i) and x is not None:
             if not x.requires_grad:
                 if self.st_first_stage:
                     row[ST_NOGRAD_IN].fill_(1.0)
             elif qt is not None and qt.requires_grad:
                 self._st_hooks(x, qt, ctx.clock.slot, ctx.clock.interval)
+            elif qt is not None and self.st_first_stage and qt.is_floating_point():
+                row[ST_NOGRAD_IN].fill_(2.0)
 
     def pre_snapshot(self, step: int) -> None:
         """Codebook and counts just before the cadence step's training forward (two copies)."""

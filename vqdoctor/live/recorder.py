@@ -90,6 +90,8 @@ class Recorder:
         self.grad_step = -1
         self._opt_stepped = False   # an optimizer of this model has stepped
         self._backward_seen = False  # a backward ran since the last training forward
+        self._backwards = 0            # backward passes seen (the launcher's wrapper)
+        self.upstream: list[nn.Module] = []  # modules outside the model feeding it (its encoder)
         self.closed = False
         self.on_flush: list[Callable[[list[dict[str, Any]]], None]] = []
         self.events: list[dict[str, Any]] = []
@@ -144,7 +146,7 @@ class Recorder:
             last = group is None or int(st.stage) == max(group)
             p.st_first_stage = group is None or int(st.stage) == min(group)
             p.st_code_space = (st.kind in ("vq", "vq-ema") and p.q.project_in is None and st.project_in is None
-                               and not extra and last)
+                               and st.metric != "cosine" and not extra and last)
 
     # ------------------------------------------------------------------ setup
 
@@ -351,18 +353,21 @@ class Recorder:
             self.pending = True
 
     def _encoder_learns(self) -> bool:
-        """True when encoder-side parameters require grad and a stepping optimizer holds them."""
-        if self._first_q_pos is None and self._sides is None:
+        """True when encoder-side parameters require grad and a stepping optimizer holds them, or,
+        with no optimizer stepping the model (hand-written updates), backward passes run."""
+        if self._first_q_pos is None and self._sides is None and not self.upstream:
             return False
         enc = self._side_lists()[0]
-        return any(p.requires_grad and id(p) in self._opt_param_ids for p in enc)
+        by_hand = not self._opt_stepped and self._backwards > 0
+        return any(p.requires_grad and (by_hand or id(p) in self._opt_param_ids) for p in enc)
 
     def _side_lists(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
         """(encoder-side, quantizer, decoder-side) parameters, decided once.
 
         Modules that ran before the first quantizer in the first forward are encoder-side, the
         rest decoder-side; modules never seen running (or a compiled model, where the trace is
-        skipped) fall back to registration order relative to the first quantizer.
+        skipped) fall back to registration order relative to the first quantizer. `upstream`
+        modules (outside the model, feeding it) are encoder-side.
         """
         if self._sides is not None:
             return self._sides
@@ -385,6 +390,11 @@ class Recorder:
                     (enc if self._trace_order[id(m)] < first_q_trace else dec).append(prm)
                 else:
                     (enc if reg.get(id(m), 1 << 30) < first_q_reg else dec).append(prm)
+        for m in self.upstream:  # the loop's encoder, called before this model
+            for prm in m.parameters():
+                if id(prm) not in seen:
+                    seen.add(id(prm))
+                    enc.append(prm)
         self._sides = (enc, quant, dec)
         return self._sides
 
@@ -438,6 +448,7 @@ class Recorder:
     def saw_backward(self) -> None:
         """A backward pass ran (the launcher's wrapper): the step clock when no optimizer steps."""
         self._backward_seen = True
+        self._backwards += 1
 
     def _record_loss(self, loss: Any) -> None:
         if isinstance(loss, torch.Tensor):

@@ -30,3 +30,6 @@ BLOWUP_FACTOR = 100.0
 NEAR_ZERO_REF = 1e-6
 # A row below this x the reference norm has drifted to the origin (lucidrains <= 1.32 dead-code decay).
 ZERO_REL = 1e-3
+# An input component within this fraction of the largest |component| sits at the bound of its
+# head (`z_saturated`): a tanh / sigmoid saturated by un-normalised inputs puts nearly all there.
+SATURATION_REL = 0.99

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vqdoctor.metrics.constants import BLOWUP_FACTOR, NEAR_ZERO_REF
+from vqdoctor.metrics.constants import BLOWUP_FACTOR, NEAR_ZERO_REF, SATURATION_REL
 
 
 def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,16 @@ def input_spread(z: torch.Tensor, cosine: bool) -> torch.Tensor:
     dev = torch.linalg.vector_norm(v - v.mean(0), dim=-1).median()
     return torch.where(unit > 0, dev / torch.where(unit > 0, unit, torch.ones_like(unit)),
                        torch.zeros_like(unit)).to(torch.float32)
+
+
+def saturated_share(x: torch.Tensor) -> torch.Tensor:
+    """`z_saturated` (`metrics.probe`): the share of input components within 1% of the largest
+    |component|, i.e. sitting at the bound of a saturated tanh / sigmoid head (~1 saturated,
+    ~0 for encoder outputs that carry information); 0 for all-zero inputs."""
+    a = x.detach().abs().float()
+    top = a.amax() if a.numel() else a.new_zeros(())
+    return torch.where(top > 0, (a >= SATURATION_REL * top).float().mean() if a.numel() else top,
+                       torch.zeros_like(top))
 
 
 def blowup(norms: torch.Tensor, code_med: torch.Tensor, z_med: torch.Tensor, nan: torch.Tensor

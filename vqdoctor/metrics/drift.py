@@ -24,7 +24,7 @@ def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-def _rows_unchanged(first: torch.Tensor, last: torch.Tensor) -> dict[str, float]:
+def rows_unchanged(first: torch.Tensor, last: torch.Tensor) -> dict[str, float]:
     """rows_unchanged_fraction and moved_rows_norm_ratio of two same-shaped tables.
 
     An optimizer step moves every row that has a gradient (or momentum from one), so a row of a
@@ -93,7 +93,7 @@ def drift_metrics(states: list[QuantizerState]) -> dict[str, float]:
             if base > 0:
                 out["codebook_rel_change"] = float(torch.linalg.vector_norm(diff)) / base
         out["codebook_frozen"] = 1.0 if all(_bit_identical(cbs[0], c) for c in cbs[1:]) else 0.0
-        out.update(_rows_unchanged(cbs[0], cbs[-1]))
+        out.update(rows_unchanged(cbs[0], cbs[-1]))
     counts = [s.cluster_size for s in states if s.cluster_size is not None]
     if len(counts) >= 2 and all(c.shape == counts[0].shape for c in counts):
         out["counts_frozen"] = 1.0 if all(_bit_identical(counts[0], c) for c in counts[1:]) else 0.0

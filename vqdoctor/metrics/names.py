@@ -78,6 +78,8 @@ PROBE = {
     "probe_entropy_norm": "H / log K of the probe assignments",
     "probe_top1_share": "largest share of probe vectors assigned to one code",
     "z_norm_median": "median L2 norm of the (projected) quantizer inputs, per head slice of dim D",
+    "z_saturated": "share of the quantizer's code-space input components within 1% of the largest |component| (at the bound "
+                   "of a saturated tanh / sigmoid head: ~1; encoder outputs that carry information: ~0)",
     "z_spread": "median |z - mean z| / median |z| of the quantizer inputs (head slices; cosine: l2-normalised; "
                 "Gumbel: the hidden features): ~0.3-1 for informative encoder outputs, ~0 when the encoder maps "
                 "every input to one point (saturated sigmoid/tanh head); 0 when all inputs are exactly 0",
@@ -146,6 +148,8 @@ RUN = {
                      "projection or other learned map inside, not an earlier residual stage), else 0",
     "st_input_no_grad": "1 on cadence steps where the quantizer's input did not require grad while encoder "
                         "parameters in a stepping optimizer did (the encoder output was detached)",
+    "st_output_no_grad": "1 on cadence steps where the quantizer's input required grad and its output did not (the "
+                         "code returned without the straight-through z + (q - z).detach())",
     "codebook_forward_rms_change": "RMS element change of the codebook across one training forward (EMA update and "
                                    "replacement happen inside it; 0 for gradient-trained codebooks), cadence steps",
     "eval_codebook_rms_change": "RMS element change of the codebook per eval / no-grad forward that changed the "

@@ -15,6 +15,7 @@ import math
 import torch
 
 from vqdoctor.errors import ProbeError
+from vqdoctor.metrics import device as MD
 from vqdoctor.metrics import functional as F
 from vqdoctor.metrics import geometry as G
 from vqdoctor.metrics.codebook import PAIRWISE_MAX_CODES
@@ -424,6 +425,8 @@ def probe_metrics(q: QuantizerState, z: torch.Tensor, *, projected: bool = False
     out: dict[str, float] = {"probe_nonfinite": float((~torch.isfinite(z)).sum())}
     x = z if projected else _project(q, z)
     x = x[torch.isfinite(x).all(-1)]
+    if x.numel():  # of the code-space inputs, as live
+        out["z_saturated"] = float(MD.saturated_share(x))
     out["probe_tokens"] = float(x.shape[0])
     if q.kind == "gumbel":
         # Gumbel quantizers choose from hidden features h that are not in the codes' space:

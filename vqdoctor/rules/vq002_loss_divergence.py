@@ -2,8 +2,9 @@
 
 ## What it detects
 In a run: the training loss rising by orders of magnitude above its running minimum while
-still growing (it keeps at least doubling within a short window), or the encoder / decoder
-gradient norm jumping far above its recent median. Checkpoints carry no loss history; from two
+still growing (it keeps at least doubling within a short window), a single optimizer step that
+blows the loss or the encoder output up several times over (even when training recovers), or
+the encoder / decoder gradient norm jumping far above its recent median. Checkpoints carry no loss history; from two
 or more checkpoints of one run it reads what diverging steps leave behind: encoder or decoder
 weights whose norm grew several times over between the first and the last.
 
@@ -25,6 +26,17 @@ grows with `||z||` (lucidrains/vector-quantize-pytorch #26, #27, #69).
 - `grad_norm_encoder`, `grad_norm_decoder` (run-wide): a row >= `grad_spike_factor` (100) x the
   median of the previous `grad_median_window` (20) rows is a spike; `error` from
   `grad_spike_error_count` (3) spikes on, `warning` below.
+- `loss` jump (run-wide): a row >= `jump_factor` (5) x the median of the previous
+  `growth_window` rows: an optimizer step that blew the model up (a learning-rate spike, a bad
+  batch through an unclipped step), even when the loss recovers afterwards. `warning`,
+  confidence 0.6. Tuning split of the generated zoo: healthy runs' largest jump 1.11x, the
+  learning-rate spikes 6.9-232x.
+- `z_norm_median` jump (per quantizer, cadence rows): the encoder output's median norm >=
+  `z_jump_factor` (10) x its previous row: the encoder weights took a diverging step, which the
+  loss can hide (a cosine-similarity lookup normalises z, so the loss barely moves). `warning`,
+  confidence 0.6. Tuning split: healthy runs up to 2.9x between rows, spikes 11-42x. A slow
+  drift of ||z|| is scale-mismatch (VQ003), not this; after a jump, the input-norm growth is
+  its symptom (`evidence["explains"]`).
 - Two or more checkpoints: `encoder_norm_growth` or `decoder_norm_growth` (L2 norm of the side's
   weights, last / first) >= `weight_growth_warn` (5): `warning`, confidence 0.6. Healthy zoo
   runs read 0.97-1.5 (up to 2.8 with a scale mismatch); a learning rate 100x too high for 50
@@ -77,6 +89,8 @@ class Params:
     grad_median_window: int = 20
     grad_spike_error_count: int = 3
     weight_growth_warn: float = 5.0
+    jump_factor: float = 5.0
+    z_jump_factor: float = 10.0
 
 
 def _loss(ev: Evidence, p: Params) -> tuple[Severity, float, int, dict[str, Any]] | None:
@@ -131,6 +145,39 @@ def _spikes(ev: Evidence, p: Params) -> tuple[int, int | None, dict[str, Any]]:
     return total, first, evidence
 
 
+def _jumps(ev: Evidence, p: Params) -> tuple[int | None, dict[str, Any], list[str]]:
+    """The first loss jump and encoder-output norm jump, with their evidence and message parts."""
+    first, evidence, parts = None, {}, []
+    loss = S.column(ev.run_series, "loss")
+    if loss is not None and len(loss) > p.growth_window // 2:
+        base = S.prior_median(loss, p.growth_window)
+        hit = (base > 0) & (loss >= p.jump_factor * base)
+        if hit.any():
+            step = S.step_of(hit[hit].index[0])
+            factor = float((loss / base)[hit].max())
+            evidence |= {"loss_jump_factor": factor, "loss_jump_step": step,
+                         "loss_last_to_min": float(S.ratio_to_running_min(loss).iloc[-1])}
+            parts.append(f"the loss jumped {factor:.3g}x above its recent median at step {step:,}")
+            first = step
+    for q in ev.quantizers:
+        z = S.qcol(q, "z_norm_median")
+        if z is None or len(z) < 2:
+            continue
+        prev = z.shift(1)
+        hit = (prev > 0) & (z >= p.z_jump_factor * prev)
+        if hit.any():
+            step = S.step_of(hit[hit].index[0])
+            factor = float((z / prev)[hit].max())
+            # the jump is the divergence: the input-norm growth it leaves is its symptom
+            evidence |= {"z_jump_factor": factor, "z_jump_step": step, "z_jump_quantizer": q.name,
+                         "explains": ["scale-mismatch"]}
+            parts.append(f"the input norm of {q.name or 'the quantizer'} jumped {factor:.3g}x between "
+                         f"two recorded steps (at step {step:,})")
+            first = step if first is None or (step is not None and step < first) else first
+            break
+    return first, evidence, parts
+
+
 @rule(SPEC, Params)
 def check(ev: Evidence, p: Params) -> Iterator[Finding]:
     """Yield one run-wide finding when the loss diverges or gradient norms spike."""
@@ -141,9 +188,13 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         return
     loss = _loss(ev, p)
     n_spikes, spike_step, evidence = _spikes(ev, p)
-    if loss is None and n_spikes == 0:
+    jump_step, jump_evidence, jump_parts = _jumps(ev, p) if loss is None else (None, {}, [])
+    if loss is None and n_spikes == 0 and not jump_parts:
         return
     parts, severity, confidence, steps = [], Severity.WARNING, 0.5, []
+    if jump_parts:
+        parts, confidence, steps = list(jump_parts), 0.6, [jump_step]
+        evidence |= jump_evidence
     if loss is not None:
         sev, confidence, start, ev_loss = loss
         severity, steps = sev, [start]

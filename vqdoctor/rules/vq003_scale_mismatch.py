@@ -39,7 +39,9 @@ the encoder output scaled x0.01 used exactly one code.
 - Growth (run; cosine lookups, or Euclidean runs without a code norm): `z_norm_median` /
   its running minimum >= `z_growth_warn` (10), `error` from `z_growth_error` (100); dated where
   the growth began (the smallest ||z|| before the crossing), the crossing step in the evidence.
-- Two checkpoints, no probe (gradient-trained codebooks, Euclidean): `moved_rows_norm_ratio`
+- Two checkpoints, or a run (gradient-trained codebooks, Euclidean), when the ratio above is
+  not confirmed (the codes in use moved to the data's scale, so the ratio of medians says
+  little): `moved_rows_norm_ratio`
   (median norm of the rows that moved between the first and the last checkpoint / that of the
   rows that kept their exact bits, i.e. were never selected) >= `moved_ratio_warn` (5; or <=
   1/5) while `rows_unchanged_fraction` >= `damage_dead_fraction` (0.25): `warning`, confidence
@@ -254,7 +256,7 @@ def _growth(q: QuantizerEvidence, p: Params) -> Finding | None:
 
 
 def _init_scale(q: QuantizerEvidence, p: Params) -> Finding | None:
-    """Two checkpoints: the codes in use moved far from the scale of those never selected."""
+    """Two checkpoints or a run: the codes in use moved far from the scale of those never selected."""
     moved, still = q.m("moved_rows_norm_ratio"), q.m("rows_unchanged_fraction")
     if q.metric == "cosine" or moved is None or still is None or moved <= 0 or still < p.damage_dead_fraction:
         return None
@@ -262,9 +264,9 @@ def _init_scale(q: QuantizerEvidence, p: Params) -> Finding | None:
         return None
     return SPEC.finding(
         severity=Severity.WARNING, confidence=0.6, quantizer=q.name,
-        message=f"the codes selected between the checkpoints sit at {moved:.3g}x the norm of the "
-                f"{still:.1%} of codes never selected (still at their init): the encoder's outputs are far "
-                "from the codebook's initial scale",
+        message=f"the codes that were selected sit at {moved:.3g}x the norm of the {still:.1%} of codes "
+                "never selected (bit for bit still at their init): the encoder's outputs are far from the "
+                "codebook's initial scale",
         evidence={"moved_rows_norm_ratio": moved, "rows_unchanged_fraction": still},
         fix=_fix(moved))
 
@@ -276,6 +278,6 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         if q.kind in ("fsq", "lfq"):
             continue  # fixed grids: the encoder output is bounded (tanh) or sign-quantized
         has_ratio = q.metric != "cosine" and (_signals(q) is not None or _scalars(q) is not None)
-        f = _ratio(q, p) if has_ratio else (_growth(q, p) or _init_scale(q, p))
+        f = (_ratio(q, p) if has_ratio else _growth(q, p)) or _init_scale(q, p)
         if f is not None:
             yield f

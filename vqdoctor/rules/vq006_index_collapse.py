@@ -8,7 +8,9 @@ ranking names its mechanism in `caused_by` when another rule found one.
 
 It is the root cause when the quantizer's *inputs* collapsed: a probe whose vectors have no
 spread (`z_spread`, ~0: every encoder output is the same point, e.g. a sigmoid / tanh head
-saturated by un-normalised inputs) can only ever select one code, whatever the codebook does.
+saturated by un-normalised inputs) can only ever select one code, whatever the codebook does;
+or when they saturated (`z_saturated`, ~1: nearly every component at the bound of a tanh /
+sigmoid head), so they take a few corner values and only the codes nearest those are chosen.
 The finding then says "encoder outputs collapsed", is an `error`, and explains the dead codes
 of the same quantizer (they are dead because one point is all the data there is; ranking puts
 `dead-codes` under it, in that case only).
@@ -37,6 +39,11 @@ Confidence 0.95 counts/run, 0.8 probe, 0.7 unchanged rows.
 - Inputs collapsed (root cause): `z_spread` <= `collapsed_input_spread` (1e-3; measured 2e-5
   and 2e-10 in collapsed runs against 0.13-1.0 for working encoders, offset data included) while
   the assignments collapsed as above: `error`, confidence 0.9.
+- Inputs saturated (root cause): `z_saturated` >= `saturated_input_share` (0.5: half of the
+  input components within 1% of the largest |component|) while the assignments collapsed as
+  above: `error`, confidence 0.85; it explains the dead codes beside it. Tuning split of the
+  generated zoo: saturated tanh heads read 0.995-1.0, every other encoder (linear, LayerNorm,
+  unsaturated heads) 0.0.
 
 ## Fix
 Inputs collapsed: the encoder maps everything to one point. Normalise its inputs (raw 0-255
@@ -90,6 +97,7 @@ class Params:
     error_top1_share: float = 0.5
     top1_over_uniform: float = 10.0
     collapsed_input_spread: float = 1e-3
+    saturated_input_share: float = 0.5
     sustain_steps: int = 3
 
 
@@ -176,9 +184,21 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
         else:
             what = (f"perplexity {perp:.3g} of {q.codebook_size:,} codes "
                     f"({perp / denom:.2%} of min(K, n)){top_txt}")
-        spread = S.latest(q, "z_spread")
+        spread, sat = S.latest(q, "z_spread"), S.latest(q, "z_saturated")
         severity, conf = (Severity.ERROR if j.level == 0 else Severity.WARNING), j.conf
-        if spread is not None and spread <= p.collapsed_input_spread:
+        saturated = sat is not None and sat >= p.saturated_input_share
+        if saturated and not (spread is not None and spread <= p.collapsed_input_spread):
+            # A bounded head driven into its bounds: the inputs sit on a few corners of a box
+            # and only the codes nearest those corners are ever chosen.
+            severity, conf = Severity.ERROR, max(conf, 0.85)
+            evidence.update(z_saturated=sat, explains=list(INPUT_COLLAPSE_EXPLAINS))
+            message = (f"encoder outputs saturated: {sat:.0%} of their components sit at the bound of "
+                       f"the head (a tanh / sigmoid driven into its limits): {what}")
+            fix = ("The encoder's bounded output head saturates, so its outputs take a few corner "
+                   "values and only a few codes are ever nearest: normalise the encoder's inputs, "
+                   "lower the gain before the tanh / sigmoid (or put a LayerNorm before it, or drop "
+                   "it); then re-initialise the codebook (k-means) from the repaired encoder's outputs.")
+        elif spread is not None and spread <= p.collapsed_input_spread:
             # The inputs themselves are (nearly) one point: no codebook can spread them.
             severity, conf = Severity.ERROR, max(conf, 0.9)
             evidence.update(z_spread=spread, explains=list(INPUT_COLLAPSE_EXPLAINS))

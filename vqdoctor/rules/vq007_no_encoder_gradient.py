@@ -17,7 +17,11 @@ The loss still falls through the decoder, so nothing looks broken until evaluati
 - `st_grad_ratio` = |grad at quantizer input| / |grad at its output|: `error` when <=
   `zero_ratio` (1e-6): nothing passes, whatever sits inside the module. A quantizer whose input
   does not require grad while an encoder that should learn (parameters requiring grad, in a
-  stepping optimizer) sits before it records ratio 0 (`st_input_no_grad`): `vq(z.detach())`.
+  stepping optimizer, or with hand-written updates) sits before it records ratio 0
+  (`st_input_no_grad`): `vq(z.detach())`. An output that does not require grad while the input
+  does records ratio 0 too (`st_output_no_grad`): the looked-up code returned as it is. A
+  quantizer the loop calls on its own (`z = enc(x); q = vq(z)`) has the module whose output
+  it quantizes as its encoder.
 - Where input and output share the code space (`st_code_space` = 1: a VQ / VQ-EMA module with
   no projection or other learned map inside, not an earlier stage of a residual group), the
   input gradient is the output gradient passed through (plain straight-through: identical;
@@ -31,7 +35,7 @@ The loss still falls through the decoder, so nothing looks broken until evaluati
   to ~0 when inputs sit far from their codes (lucidrains' default, measured 0.06 on a healthy
   path). `warning` when the ratio is <= `low_ratio` (0.01) with the task part intact:
   attenuated, e.g. the rotation trick under a scale mismatch.
-- Elsewhere (FSQ / LFQ bounds, Gumbel-softmax, DAC in_proj / out_proj, lucidrains project_in /
+- Elsewhere (cosine-similarity lookups, which divide the input gradient by ||z||; FSQ / LFQ bounds, Gumbel-softmax, DAC in_proj / out_proj, lucidrains project_in /
   project_out, encodec's earlier residual stages) cosine and ratio are not compared: gradients
   at the two ends live in different coordinates, and healthy runs read cosine -0.06 to 0.07
   with ratios 0.4 to 14 there.
@@ -94,8 +98,9 @@ class Params:
 
 
 def _code_space(q: QuantizerEvidence) -> bool:
+    # a cosine lookup normalises z inside: its input gradient is the output's over ||z||
     v = S.latest(q, "st_code_space")
-    return v is not None and v >= 1
+    return v is not None and v >= 1 and q.metric != "cosine"
 
 
 def _intact(q: QuantizerEvidence, p: Params) -> bool:
@@ -124,6 +129,11 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
                 msg = ("the quantizer's input does not require grad: the encoder output is detached "
                        "before it, so the encoder gets no task gradient")
                 fix = "Do not detach the encoder output before the quantizer (vq(z), not vq(z.detach())); " + _FIX
+            elif S.latest(q, "st_output_no_grad") == 1:
+                msg = ("the quantizer's output carries no gradient while its input does: the code is "
+                       "returned without the straight-through estimator, so only the commitment term "
+                       "reaches the encoder")
+                fix = "Return z + (q - z).detach() (not the looked-up code q); " + _FIX
             else:
                 msg = f"no gradient passes the quantizer: input/output gradient ratio {h.last:.2g}"
         elif space and (h := _judge_broken(q, p, k)):
@@ -145,7 +155,8 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
                     "st_grad_cos": None if cos is None else float(cos.iloc[-1]),
                     "st_grad_passthrough": None if pt is None else float(pt.iloc[-1]),
                     "st_code_space": 1.0 if space else 0.0,
-                    "st_input_no_grad": S.latest(q, "st_input_no_grad")}
+                    "st_input_no_grad": S.latest(q, "st_input_no_grad"),
+                    "st_output_no_grad": S.latest(q, "st_output_no_grad")}
         yield SPEC.finding(severity=sev, confidence=conf, quantizer=q.name, step=h.step,
                            message=msg, fix=fix,
                            evidence={k: v for k, v in evidence.items() if v is not None})
