@@ -83,6 +83,22 @@ def test_explicit_prefix_reads_unusual_names():
     torch.testing.assert_close(state.codebook[0], q.embed)
 
 
+def test_a_bare_table_beside_a_layer_of_the_same_shape():
+    # the neutral 'block2.table' [128, 8] sits beside a decoder layer Linear(8 -> 128) whose 128
+    # outputs the next layer takes in: a hidden width equal to K, not a vocabulary head
+    enc, table, dec = nn.Linear(16, 8), nn.Embedding(128, 8), nn.Sequential(nn.Linear(8, 128), nn.Linear(128, 16))
+    sd = {**{f"features.{k}": v for k, v in enc.state_dict().items()}, "block2.table.weight": table.weight.data,
+          **{f"dec.{k}": v for k, v in dec.state_dict().items()}}
+    [state] = discover(source_from_state_dict(sd))
+    assert (state.name, state.codebook_size, state.dim) == ("block2.table", 128, 8)
+    # the same table with an output layer of [128, 8] + bias [128] that nothing reads after it:
+    # a language model's token table and head
+    lm = {"block2.table.weight": table.weight.data, "mix.weight": torch.randn(8, 8), "lm_head.weight": torch.randn(128, 8),
+          "lm_head.bias": torch.randn(128)}
+    with pytest.raises(NoQuantizerError):
+        discover(source_from_state_dict(lm))
+
+
 def test_explicit_heads_table():
     sd = {"rvq.embed": torch.randn(2, 8, 3), "rvq.cluster_size": torch.rand(2, 8)}
     [state] = explicit(source_from_state_dict(sd), "rvq")

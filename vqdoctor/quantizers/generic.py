@@ -83,10 +83,15 @@ class GenericAdapter:
     @staticmethod
     def _vocabulary(src: TensorSource, key: str) -> bool:
         """True when the table has a vocabulary head beside it: another [K, D] tensor or a bias of
-        length K elsewhere (a language model's output layer), so it is a token table."""
+        length K elsewhere (a language model's output layer), so it is a token table. A layer
+        whose K outputs another layer takes as its input (a [*, K] weight: a decoder's hidden
+        width that happens to equal K) is not an output layer."""
         kd = tuple(src.infos[key].shape)
-        return any(k != key and (tuple(i.shape) == kd or (k.endswith("bias") and tuple(i.shape) == kd[:1]))
-                   for k, i in src.infos.items())
+        consumed = any(k != key and len(i.shape) == 2 and int(i.shape[1]) == kd[0] and tuple(i.shape) != kd
+                       for k, i in src.infos.items())
+        return not consumed and any(
+            k != key and (tuple(i.shape) == kd or (k.endswith("bias") and tuple(i.shape) == kd[:1]))
+            for k, i in src.infos.items())
 
     @staticmethod
     def _bare_table(src: TensorSource, key: str) -> bool:
