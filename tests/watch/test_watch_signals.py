@@ -182,7 +182,7 @@ def test_replacements_counted_per_forward(tmp_path):
         assert abs(v - resets.get(int(s), 0)) <= 0.1 * resets.get(int(s), 0), (s, v, resets.get(int(s)))
     assert rows["codes_replaced"].mean() > 50
 
-def test_eval_passes_moving_the_codebook_like_training_are_a_note(tmp_path):
+def test_eval_passes_moving_the_codebook_like_training_are_a_warning(tmp_path):
     model = QuantAE(lucid_vq(codebook_size=32, kmeans_init=True, threshold_ema_dead_code=0, decay=0.8))
     held_out = make_data(2, seed=1)  # the training distribution
 
@@ -197,7 +197,8 @@ def test_eval_passes_moving_the_codebook_like_training_are_a_note(tmp_path):
     df = _frame(tmp_path / "run")
     assert len(_col(df, "eval_codebook_rms_change")) and len(_col(df, "codebook_forward_rms_change"))
     f = next(f for f in vqdoctor.report(tmp_path / "run").findings if f.id == "ema-divergence")
-    assert f.severity == "info" and f.evidence["eval_move_to_train_move"] < 3
+    # evaluation data of the training distribution moves the table about as a training batch
+    assert f.severity == "warning" and 0.5 <= f.evidence["eval_move_to_train_move"] < 3
 
 
 def test_short_windows_do_not_count_as_dead(tmp_path):

@@ -42,12 +42,14 @@ docs/ema-and-layouts.md#how-codebooks-break-numerically.
   on codes that were hit (positive counts) and does not match.
 - `ema_lowp` == 1: float16/bfloat16 EMA buffers (`error` once the quantizer's tensors hold
   non-finite values: smoothing has underflowed, and the non-finite rows are its consequence).
-- `eval_mutation` > 0 on any recorded step (run): an event, no sustain needed. It explains the
-  codebook only when the evaluation data moved it: `eval_codebook_rms_change` (per changed
-  evaluation forward) >= `eval_move_factor` (3) x `codebook_forward_rms_change` (per training
-  forward, medians), or when either was not measured. Evaluation data from the training
-  distribution moves an EMA codebook about as far as a training batch: then the sub-cause is an
-  `info` note (the bug is real, the damage comes from elsewhere).
+- `eval_mutation` > 0 on any recorded step (run): an event, no sustain needed. A `warning` when
+  the evaluation forwards moved the codebook: `eval_codebook_rms_change` (per changed evaluation
+  forward) >= `eval_move_factor` (0.5) x `codebook_forward_rms_change` (per training forward,
+  medians), or when either was not measured: the model changes from evaluation data (which then
+  leaks into it), whether or not that data is distributed like the training data (then it moves
+  the codebook about as far as a training batch: 2.3x on the generated zoo's tuning split, where
+  3x had been asked before and missed it). Below that (counters bumped, the table barely moved)
+  an `info` note.
 - `ema_count_sum_to_tokens` outside [1/`count_sum_tolerance`, `count_sum_tolerance`] (2) x 1,
   and outside the same band around the world size (`world_size` in the run scalars): counts
   all-reduced or not. Replacement adds mass (our toy read 1.36), so the band is wide; excess
@@ -118,7 +120,7 @@ class Params:
     zero_count_rows_min: float = 0.99
     sustain_steps: int = 3
     warmup_start_max: float = 0.2
-    eval_move_factor: float = 3.0
+    eval_move_factor: float = 0.5
     replaced_rate_mass: float = 0.01
     transient_steps: int = 20
     blowup_rows_share: float = 0.05
@@ -224,7 +226,7 @@ def _subs(q: QuantizerEvidence, world: float, p: Params) -> Iterator[_Sub]:
         yield _Sub("eval_mutation", Severity.WARNING if plausible else Severity.INFO, 0.9 if plausible else 0.5,
                    h.step,
                    f"EMA buffers changed by eval/no-grad forwards ({h.rows} step(s), up to {h.worst:g}){move_txt}"
-                   + ("" if plausible else ": as little as training steps do, so it does not explain the codebook"),
+                   + ("" if plausible else ": the table barely moved, so it does not explain the codebook"),
                    ev_eval,
                    "Call model.eval() (or quantizer.eval()) for evaluation passes so they do not update "
                    "the EMA statistics or replace codes from evaluation data.")
