@@ -96,7 +96,7 @@ def test_an_encoder_output_jump_explains_its_scale_growth():
     q = qev(series=frame(range(0, 160, 20), z_norm_median=z), metric="cosine", name="tok")
     f = one(RULE, run(q, run_series=frame(loss=[1.0] * 160)))
     assert (f.severity, f.step, f.evidence["z_jump_quantizer"]) == ("warning", 80, "tok")
-    assert f.evidence["explains"] == ["scale-mismatch"]
+    assert f.evidence["explains"] == ["scale-mismatch", "no-encoder-gradient"]
     steady = qev(series=frame(range(0, 160, 20), z_norm_median=[0.7 * 1.9 ** i for i in range(8)]))
     assert check(RULE, run(steady, run_series=frame(loss=[1.0] * 160))) == []
 

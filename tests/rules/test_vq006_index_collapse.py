@@ -85,7 +85,7 @@ def test_collapsed_inputs_make_index_collapse_the_root():
     f = one(RULE, checkpoint(q))
     assert (f.severity, f.confidence) == ("error", 0.9)
     assert f.message.startswith("encoder outputs collapsed to a point")
-    assert f.evidence["z_spread"] < 1e-6 and f.evidence["explains"] == ["dead-codes"]
+    assert f.evidence["z_spread"] < 1e-6 and f.evidence["explains"] == ["dead-codes", "replacement-churn", "codebook-redundancy"]
     findings, _ = run_rules(checkpoint(q))
     assert [(x.id, x.caused_by) for x in findings if x.severity != "info"][:2] == [
         ("index-collapse", None), ("dead-codes", "index-collapse")]
@@ -112,7 +112,7 @@ def test_saturated_inputs_make_index_collapse_the_root():
     assert q.metrics["z_saturated"] > 0.9 and q.metrics["z_spread"] > 0.1
     f = one(RULE, checkpoint(q))
     assert f.severity == "error" and f.message.startswith("encoder outputs saturated")
-    assert f.evidence["explains"] == ["dead-codes"]
+    assert f.evidence["explains"] == ["dead-codes", "replacement-churn", "codebook-redundancy"]
     findings, _ = run_rules(checkpoint(q))
     assert [(x.id, x.caused_by) for x in findings if x.severity != "info"][:2] == [
         ("index-collapse", None), ("dead-codes", "index-collapse")]

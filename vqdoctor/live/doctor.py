@@ -327,11 +327,14 @@ class Doctor:
                         codebook=None if cb is None else cb.detach().float().cpu().clone(),
                         cluster_size=None if n is None else n.detach().float().cpu().clone(),
                         embed_avg=None, optimizer=None, initted=_live_initted(q))
-                m = codebook_metrics(st)
                 first = (self._first_tables or {}).get(q.name)
+                still = None
                 if first is not None and st.codebook is not None and first.shape == st.codebook.shape:
-                    from vqdoctor.metrics.drift import rows_unchanged
+                    from vqdoctor.metrics.drift import rows_unchanged, unchanged_rows
 
+                    still = unchanged_rows(first, st.codebook)
+                m = codebook_metrics(st, never_selected=still)
+                if still is not None:
                     m.update(rows_unchanged(first, st.codebook))
                 from vqdoctor.results.series import code_norm_record  # the report's norm histogram
 

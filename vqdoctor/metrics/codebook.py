@@ -179,7 +179,8 @@ def usage_weights(counts: torch.Tensor) -> torch.Tensor:
     return device.usage_weights(counts.detach())
 
 
-def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None) -> dict[str, float]:
+def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None,
+              never_selected: torch.Tensor | None = None) -> dict[str, float]:
     """Norm, spacing, redundancy and rank metrics of an `[H, K, D]` codebook.
 
     Args:
@@ -192,6 +193,10 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
             scale everything is judged by, however many of them there are, and neither can
             one code that took most inputs in a collapse (it sits at the data mean, often ~0).
             Duplicates then need a live code as the other code (`_redundancy`).
+        never_selected: `[H, K]` rows of a gradient-trained codebook that kept their exact bits
+            since an earlier table (no gradient reached them): without counts, the dead rows of
+            `_redundancy` (untouched rows of one init are dead codes; an untouched copy of a
+            code in use is the wasted duplicate).
     """
     out: dict[str, float] = {}
     H, K, D = cb.shape
@@ -253,6 +258,8 @@ def _geometry(cb: torch.Tensor, cosine: bool, usage: torch.Tensor | None = None)
     if norms.numel() and ref > 0 and not cosine:
         keep &= (all_norms <= BLOWUP_FACTOR * ref) & (all_norms >= ZERO_REL * ref)
     dead = F.dead_mask(usage, DEAD_REL) if with_usage else None
+    if dead is None and never_selected is not None and never_selected.shape == row_ok.shape:
+        dead = never_selected
     dups, meds, ranks, rank_fracs = [], [], [], []
     rank_rows = max(RANK_MAX_CODES, RANK_ROWS_PER_DIM * D)
     for h in range(H):
@@ -288,7 +295,8 @@ def _redundancy(table: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor | No
     (`dead`), only a *live* code counts as that other code: duplicates among dead rows (EMA rows
     decaying towards the origin together, untouched rows of one init) are dead codes, left to
     `dead_fraction`, while a dead row on top of a live one is redundancy (only one of them can win
-    the argmin, and the counts say which is wasted: the dead row is counted, its live twin not).
+    the argmin, and the counts say which is wasted: the dead row is counted, its live twin not),
+    and so are exact copies among dead rows (a table initialised by sampling with replacement).
     The spacing scale stays the median over all kept rows, as without counts: live codes spread
     at a large scale around dead ones left at their init would otherwise set a threshold far
     above the spacing of the table.
@@ -304,6 +312,12 @@ def _redundancy(table: torch.Tensor, keep: torch.Tensor, dead: torch.Tensor | No
         pick = G.sample_rows(n, PAIRWISE_MAX_CODES)
         live = ~dead[rows if pick is None else rows[pick]]
     med, dup = G.pairwise_summary(x, DUPLICATE_REL, None, live=live)
+    if live is not None and int((~live).sum()) > 1:
+        # exact copies among the dead rows (a table sampled with replacement) stay redundancy:
+        # at most one of a set of identical codes can ever win the argmin
+        _, inv, cnt = torch.unique(x[~live], dim=0, return_inverse=True, return_counts=True)
+        dup = dup.clone()
+        dup[~live] |= cnt[inv] > 1
     return med, float(dup.double().mean()), (x, n)
 
 
@@ -382,7 +396,7 @@ def _reset_value(q: QuantizerState) -> float | None:
     return _positive_extra(q, ("reset_value", "reset_cluster_size", "threshold_ema_dead_code"))
 
 
-def codebook_metrics(q: QuantizerState) -> dict[str, float]:
+def codebook_metrics(q: QuantizerState, never_selected: torch.Tensor | None = None) -> dict[str, float]:
     """The CODEBOOK metrics (`metrics.names.CODEBOOK`) that apply to one quantizer.
 
     - always: codebook_size.
@@ -403,6 +417,8 @@ def codebook_metrics(q: QuantizerState) -> dict[str, float]:
 
     Args:
         q: the quantizer in normal form.
+        never_selected: rows bit-identical to an earlier table of the same run (`drift.unchanged_rows`),
+            for the duplicates of a codebook without counts.
 
     Returns:
         metric name -> finite float.
@@ -418,7 +434,8 @@ def codebook_metrics(q: QuantizerState) -> dict[str, float]:
     if q.codebook is not None:
         cb = F.as_hkd(q.codebook.detach())
         usage = F.as_hk(q.cluster_size.detach()) if q.cluster_size is not None else None
-        out.update(_geometry(cb, q.metric == "cosine", usage))
+        out.update(_geometry(cb, q.metric == "cosine", usage,
+                             None if never_selected is None else never_selected.reshape(cb.shape[:2])))
         nonfinite += out["nonfinite_codebook"]
         scanned = True
     if q.cluster_size is not None:

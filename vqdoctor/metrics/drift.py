@@ -24,6 +24,17 @@ def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def unchanged_rows(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
+    """`[H * K]` rows finite in both tables and bit-identical between them; None when the shapes differ."""
+    if first.shape != last.shape:
+        return None
+    a, b = F.as_hkd(first.detach()), F.as_hkd(last.detach())
+    a = a.reshape(-1, a.shape[-1]).to(torch.float32).contiguous()
+    b = b.reshape(-1, b.shape[-1]).to(torch.float32).contiguous()
+    ok = torch.isfinite(F.row_norms(a)) & torch.isfinite(F.row_norms(b))
+    return (a.view(torch.int32) == b.view(torch.int32)).all(-1) & ok
+
+
 def rows_unchanged(first: torch.Tensor, last: torch.Tensor) -> dict[str, float]:
     """rows_unchanged_fraction and moved_rows_norm_ratio of two same-shaped tables.
 

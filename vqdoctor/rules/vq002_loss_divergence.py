@@ -36,7 +36,8 @@ grows with `||z||` (lucidrains/vector-quantize-pytorch #26, #27, #69).
   loss can hide (a cosine-similarity lookup normalises z, so the loss barely moves). `warning`,
   confidence 0.6. Tuning split: healthy runs up to 2.9x between rows, spikes 11-42x. A slow
   drift of ||z|| is scale-mismatch (VQ003), not this; after a jump, the input-norm growth is
-  its symptom (`evidence["explains"]`).
+  its symptom, and so is a gradient that no longer passes where the inputs now sit (FSQ / LFQ
+  bounds saturated) (`evidence["explains"]`).
 - Two or more checkpoints: `encoder_norm_growth` or `decoder_norm_growth` (L2 norm of the side's
   weights, last / first) >= `weight_growth_warn` (5): `warning`, confidence 0.6. Healthy zoo
   runs read 0.97-1.5 (up to 2.8 with a scale mismatch); a learning rate 100x too high for 50
@@ -168,9 +169,10 @@ def _jumps(ev: Evidence, p: Params) -> tuple[int | None, dict[str, Any], list[st
         if hit.any():
             step = S.step_of(hit[hit].index[0])
             factor = float((z / prev)[hit].max())
-            # the jump is the divergence: the input-norm growth it leaves is its symptom
+            # the jump is the divergence: the input-norm growth it leaves is its symptom, and so
+            # is a gradient that stops where the inputs now sit (FSQ / LFQ bounds, a tanh)
             evidence |= {"z_jump_factor": factor, "z_jump_step": step, "z_jump_quantizer": q.name,
-                         "explains": ["scale-mismatch"]}
+                         "explains": ["scale-mismatch", "no-encoder-gradient"]}
             parts.append(f"the input norm of {q.name or 'the quantizer'} jumped {factor:.3g}x between "
                          f"two recorded steps (at step {step:,})")
             first = step if first is None or (step is not None and step < first) else first

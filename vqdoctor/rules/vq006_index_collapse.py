@@ -13,7 +13,7 @@ or when they saturated (`z_saturated`, ~1: nearly every component at the bound o
 sigmoid head), so they take a few corner values and only the codes nearest those are chosen.
 The finding then says "encoder outputs collapsed", is an `error`, and explains the dead codes
 of the same quantizer (they are dead because one point is all the data there is; ranking puts
-`dead-codes` under it, in that case only).
+`dead-codes` under it, in that case only), as well as replacement churn and duplicate codes.
 
 ## Why it matters
 A collapsed quantizer passes almost no information: reconstruction and downstream accuracy
@@ -28,6 +28,8 @@ the batch size n, bshall/VectorQuantizedVAE #3), with n = `tokens` (run) or `pro
 - `error`: `f` <= `error_perplexity_fraction` (0.01), or perplexity <= `collapsed_perplexity`
   (2, "one or two codes") while `f` <= 0.5, or `top1_share` >= `error_top1_share` (0.5).
 - `warning`: `f` <= `warn_perplexity_fraction` (0.05), or `top1_share` >= `warn_top1_share` (0.2).
+- a later stage of a residual group whose first stage did not collapse: at most `warning`
+  (that stage's capacity is wasted; the model still works through the first stage).
 - a top-1 share only counts when it is >= `top1_over_uniform` (10) times the uniform share
   1/min(K, n), so small codebooks are not flagged for being small.
 Sources: run `perplexity` (+`tokens`, `top1_share`), sustained `sustain_steps` (3) rows and
@@ -41,7 +43,9 @@ Confidence 0.95 counts/run, 0.8 probe, 0.7 unchanged rows.
   the assignments collapsed as above: `error`, confidence 0.9.
 - Inputs saturated (root cause): `z_saturated` >= `saturated_input_share` (0.5: half of the
   input components within 1% of the largest |component|) while the assignments collapsed as
-  above: `error`, confidence 0.85; it explains the dead codes beside it. Tuning split of the
+  above: `error`, confidence 0.85. Either input collapse explains the dead codes, the
+  replacements that keep re-seeding codes from the same few points and the duplicates they
+  leave (`INPUT_COLLAPSE_EXPLAINS`). Tuning split of the
   generated zoo: saturated tanh heads read 0.995-1.0, every other encoder (linear, LayerNorm,
   unsaturated heads) 0.0.
 
@@ -83,7 +87,7 @@ SPEC = RuleSpec(code="VQ006", id="index-collapse",
 # Codebooks moved by gradient steps: rows with unchanged bits were never selected in between.
 GRADIENT_KINDS = ("vq", "gumbel")
 # What an input collapse explains (the rest of the graph is the rules' static `explains`).
-INPUT_COLLAPSE_EXPLAINS = ("dead-codes",)
+INPUT_COLLAPSE_EXPLAINS = ("dead-codes", "replacement-churn", "codebook-redundancy")
 
 
 @dataclass(frozen=True)
@@ -164,11 +168,21 @@ def _checkpoint(q: QuantizerEvidence, p: Params) -> _Judged | None:
     return min(judged, key=lambda j: (j.level, -j.conf)) if judged else None
 
 
+def _first_stage_works(q: QuantizerEvidence, ev: Evidence, judged: dict[str, _Judged | None]) -> bool:
+    """True for a later stage of a residual group whose first stage did not collapse."""
+    if q.group is None or not q.stage:
+        return False
+    first = [x for x in ev.quantizers if x.group == q.group and x.stage == 0]
+    return bool(first) and all(judged.get(x.name) is None for x in first)
+
+
 @rule(SPEC, Params)
 def check(ev: Evidence, p: Params) -> Iterator[Finding]:
     """Yield one finding per quantizer whose assignments collapsed onto a few codes."""
+    judged = {q.name: (_run(q, p) if S.qcol(q, "perplexity") is not None else _checkpoint(q, p))
+              for q in ev.quantizers}
     for q in ev.quantizers:
-        j = _run(q, p) if S.qcol(q, "perplexity") is not None else _checkpoint(q, p)
+        j = judged[q.name]
         if j is None:
             continue
         perp, denom, top1 = j.perp, j.denom, j.top1
@@ -186,6 +200,11 @@ def check(ev: Evidence, p: Params) -> Iterator[Finding]:
                     f"({perp / denom:.2%} of min(K, n)){top_txt}")
         spread, sat = S.latest(q, "z_spread"), S.latest(q, "z_saturated")
         severity, conf = (Severity.ERROR if j.level == 0 else Severity.WARNING), j.conf
+        if severity == Severity.ERROR and _first_stage_works(q, ev, judged):
+            # a later residual stage on one code while the first stage works: that stage's
+            # capacity is wasted, the model is not broken
+            severity = Severity.WARNING
+            evidence["first_stage_works"] = 1.0
         saturated = sat is not None and sat >= p.saturated_input_share
         if saturated and not (spread is not None and spread <= p.collapsed_input_spread):
             # A bounded head driven into its bounds: the inputs sit on a few corners of a box

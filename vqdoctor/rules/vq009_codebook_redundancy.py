@@ -18,10 +18,11 @@ Discrete Later" (arXiv 2605.06870) measured VQGAN codebooks with an effective di
 whatever K, and raised it to 17-19 with an autoencoder warm-up (rFID -17 to -35%).
 
 ## Signals and thresholds
-- `duplicate_fraction` - `zero_row_fraction` (- `rows_unchanged_fraction` for gradient-trained
-  codebooks: rows never selected keep their init, which a tiny uniform(+-1/K) init packs
-  together; those are dead codes): `warning` from `duplicate_warn` (0.05), `error`
-  from `duplicate_error` (0.25). With EMA counts, duplicates of dead rows among themselves are
+- `duplicate_fraction` - `zero_row_fraction`: `warning` from `duplicate_warn` (0.05), `error`
+  from `duplicate_error` (0.25). A gradient-trained codebook read over two checkpoints or a run
+  treats the rows never selected (bit for bit unchanged) as EMA counts treat dead rows: a tiny
+  uniform(+-1/K) init packs its untouched rows together (dead codes, not redundancy), while an
+  untouched copy of a code in use is the wasted duplicate. With EMA counts, duplicates of dead rows among themselves are
   not counted (`metrics.names`: duplicate_fraction).
 - `effective_rank_fraction` (= `effective_rank` / min(K, D)) <= `effective_rank_warn` (0.05):
   `warning` only (data on a low-dimensional manifold can justify a low rank), confidence 0.5.
@@ -51,9 +52,6 @@ from dataclasses import dataclass
 from vqdoctor.rules import _series as S
 from vqdoctor.rules.base import Evidence, Finding, QuantizerEvidence, RuleSpec, Severity, rule
 
-# Codebooks moved by gradient steps: rows with unchanged bits were never selected in between.
-GRADIENT_KINDS = ("vq", "gumbel")
-
 SPEC = RuleSpec(code="VQ009", id="codebook-redundancy",
                 title="Duplicate codes or a codebook spanning a tiny subspace",
                 explains=("dead-codes", "index-collapse"), doc=__doc__)
@@ -69,23 +67,15 @@ class Params:
     sustain_steps: int = 3
 
 
-def _never_selected(q: QuantizerEvidence) -> float:
-    """Share of a gradient-trained codebook's rows that kept their exact bits (never selected,
-    still at their init, close together when the init is tiny): dead codes, not redundancy."""
-    return q.m("rows_unchanged_fraction", 0.0) if q.kind in GRADIENT_KINDS else 0.0
-
-
 def _duplicates(q: QuantizerEvidence, p: Params) -> S.Hit | None:
     dup, zero = S.qcol(q, "duplicate_fraction"), S.qcol(q, "zero_row_fraction")
-    still = _never_selected(q)
     if dup is not None:
         net = (dup - zero.reindex(dup.index).fillna(0)).clip(lower=0) if zero is not None else dup
-        net = (net - still).clip(lower=0)
         step = S.onset(net >= p.duplicate_warn, p.sustain_steps)
         return None if step is None else S.Hit(step, float(net.iloc[-1]), float(net.max()))
     if (d := q.m("duplicate_fraction")) is None:
         return None
-    net = max(0.0, d - q.m("zero_row_fraction", 0.0) - still)
+    net = max(0.0, d - q.m("zero_row_fraction", 0.0))
     return S.Hit(None, net, net) if net >= p.duplicate_warn else None
 
 

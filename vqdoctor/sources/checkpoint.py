@@ -14,7 +14,7 @@ import torch
 
 from vqdoctor.checkpoint import open_checkpoint
 from vqdoctor.metrics.codebook import codebook_metrics, usage_histogram
-from vqdoctor.metrics.drift import drift_metrics
+from vqdoctor.metrics.drift import drift_metrics, unchanged_rows
 from vqdoctor.metrics.params import param_drift
 from vqdoctor.metrics.probe import probe_inputs, probe_metrics, read_probe
 from vqdoctor.quantizers import discover
@@ -32,6 +32,15 @@ def evidence_from_states(states: list[QuantizerState], metrics: dict[str, dict[s
                             group=s.group, stage=s.stage, metric=s.metric, ema_rule=s.ema_rule,
                             metrics=metrics[s.name], notes=list(s.notes)) for s in states]
     return Evidence(source_kind="checkpoint", quantizers=qs)
+
+
+def _never_selected(series: list[QuantizerState | None]) -> torch.Tensor | None:
+    """Rows of a gradient-trained codebook without counts that kept their bits from the first
+    checkpoint to the last (never selected in between), for its duplicates; else None."""
+    got = [x for x in series if x is not None and x.codebook is not None]
+    if len(got) < 2 or got[-1].kind not in ("vq", "gumbel") or got[-1].cluster_size is not None:
+        return None
+    return unchanged_rows(got[0].codebook, got[-1].codebook)
 
 
 def observe_checkpoints(
@@ -77,12 +86,12 @@ def observe_checkpoints(
 
     metrics: dict[str, dict[str, float]] = {}
     for s in states:
-        m = codebook_metrics(s)
+        series = [next((x for x in h if x.name == s.name), None) for h in history] if len(history) > 1 else []
+        m = codebook_metrics(s, never_selected=_never_selected(series))
         if s.name in z_by_name:
             m.update(probe_metrics(s, z_by_name[s.name], projected=True,
                                    code_norm_ref=m.get("code_norm_median")))
-        if len(history) > 1:
-            series = [next((x for x in h if x.name == s.name), None) for h in history]
+        if series:
             m.update(drift_metrics([x for x in series if x is not None]))
         metrics[s.name] = m
 
