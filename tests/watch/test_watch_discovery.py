@@ -107,6 +107,22 @@ def test_known_classes_are_found_as_roots_and_under_any_name() -> None:
         assert q.state.library != "generic" and q.codebook() is not None
 
 
+REPO = str(Path(__file__).resolve().parents[2])
+
+
+def _watched(tmp_path: Path, source: str, arg: str, stats_every: int | None = None):
+    """`vqdoctor watch` over a script (one argument): the process and the JSON report's path."""
+    script, out = tmp_path / "train.py", tmp_path / "report.json"
+    script.write_text(source)
+    extra = ["--stats-every", str(stats_every)] if stats_every else []
+    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "watch", "--run-dir", str(tmp_path / "run"),
+                           "--no-panel", "--flush-every", "10", *extra, "--format", "json", "--output", str(out),
+                           "--", sys.executable, str(script), arg],
+                          capture_output=True, text=True, timeout=300)
+    assert out.exists(), proc.stderr
+    return proc, out
+
+
 SEPARATE = """
 import torch
 from torch import nn
@@ -127,15 +143,7 @@ for _ in range(40):
 
 
 def test_separate_top_level_calls_under_the_launcher(tmp_path: Path) -> None:
-    script = tmp_path / "train.py"
-    script.write_text(SEPARATE)
-    repo = str(Path(__file__).resolve().parents[2])
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "watch", "--run-dir", str(tmp_path / "run"),
-                           "--no-panel", "--flush-every", "10", "--format", "json", "--output", str(out),
-                           "--", sys.executable, str(script), repo],
-                          capture_output=True, text=True, timeout=300)
-    assert out.exists(), proc.stderr
+    proc, out = _watched(tmp_path, SEPARATE, REPO)
     report = json.loads(out.read_text())
     assert [(q["name"], q["codebook_size"]) for q in report["quantizers"]] == [("", K)], proc.stderr
     assert report["complete"] and report["quantizers"][0]["metrics"]["tokens"] == pytest.approx(64)
@@ -170,14 +178,7 @@ for _ in range(30):
 
 @pytest.mark.parametrize("mode", ["optimizer", "hand-written"])
 def test_the_step_clock_of_a_parameter_free_root(tmp_path: Path, mode: str) -> None:
-    script = tmp_path / "train.py"
-    script.write_text(CLOCKS)
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "watch", "--run-dir", str(tmp_path / "run"),
-                           "--no-panel", "--flush-every", "10", "--format", "json", "--output", str(out),
-                           "--", sys.executable, str(script), mode],
-                          capture_output=True, text=True, timeout=300)
-    assert out.exists(), proc.stderr
+    proc, out = _watched(tmp_path, CLOCKS, mode)
     df = vqdoctor.load_run(tmp_path / "run")
     steps = df[(df["record"] == "step") & (df["quantizer"] == "")]
     assert steps["step"].tolist() == list(range(30)), proc.stderr  # one step per update, not one in all
@@ -228,14 +229,7 @@ for _ in range(40):
 def test_a_broken_gradient_path_of_a_quantizer_called_on_its_own(tmp_path: Path, mode: str) -> None:
     # encoder(x), quantizer(z), decoder(q) as three calls and no torch.optim: the launcher finds
     # the encoder by the tensor it hands the quantizer, and the step clock runs on backward
-    script = tmp_path / "train.py"
-    script.write_text(GRADIENT_PATHS)
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "vqdoctor", "watch", "--run-dir", str(tmp_path / "run"),
-                           "--no-panel", "--flush-every", "10", "--stats-every", "2", "--format", "json",
-                           "--output", str(out), "--", sys.executable, str(script), mode],
-                          capture_output=True, text=True, timeout=300)
-    assert out.exists(), proc.stderr
+    proc, out = _watched(tmp_path, GRADIENT_PATHS, mode, stats_every=2)
     report = json.loads(out.read_text())
     assert report["complete"] and [q["codebook_size"] for q in report["quantizers"]] == [32], proc.stderr
     ids = [f["id"] for f in report["findings"] if f["severity"] in ("error", "warning")]
