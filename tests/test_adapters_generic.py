@@ -99,6 +99,19 @@ def test_a_bare_table_beside_a_layer_of_the_same_shape():
         discover(source_from_state_dict(lm))
 
 
+def test_a_bare_table_beside_its_own_optimizer_moments(tmp_path):
+    # a Lightning checkpoint: Adam's exp_avg / exp_avg_sq of the table have the table's shape,
+    # and are not a second [K, D] layer of the model
+    enc, tok = nn.Linear(40, 16), nn.Embedding(256, 16)
+    opt = torch.optim.Adam([*enc.parameters(), *tok.parameters()], 1e-3)
+    tok(torch.randint(0, 256, (8,))).sum().add(enc(torch.randn(2, 40)).sum()).backward()
+    opt.step()
+    sd = {**{f"encoder.{k}": v for k, v in enc.state_dict().items()}, "tok.embedding.weight": tok.weight.data}
+    torch.save({"state_dict": sd, "optimizer_states": [opt.state_dict()], "epoch": 1}, tmp_path / "l.ckpt")
+    [state] = discover(open_checkpoint(tmp_path / "l.ckpt"))
+    assert (state.name, state.codebook_size, state.dim) == ("tok.embedding", 256, 16)
+
+
 def test_explicit_heads_table():
     sd = {"rvq.embed": torch.randn(2, 8, 3), "rvq.cluster_size": torch.rand(2, 8)}
     [state] = explicit(source_from_state_dict(sd), "rvq")

@@ -87,11 +87,10 @@ class GenericAdapter:
         whose K outputs another layer takes as its input (a [*, K] weight: a decoder's hidden
         width that happens to equal K) is not an output layer."""
         kd = tuple(src.infos[key].shape)
-        consumed = any(k != key and len(i.shape) == 2 and int(i.shape[1]) == kd[0] and tuple(i.shape) != kd
-                       for k, i in src.infos.items())
-        return not consumed and any(
-            k != key and (tuple(i.shape) == kd or (k.endswith("bias") and tuple(i.shape) == kd[:1]))
-            for k, i in src.infos.items())
+        # the model's tensors only: an optimizer's moments of the table have its shape too
+        model = [(k, tuple(src.infos[k].shape)) for k in src.keys() if k != key and k in src.infos]
+        consumed = any(len(s) == 2 and s[1] == kd[0] and s != kd for _, s in model)
+        return not consumed and any(s == kd or (k.endswith("bias") and s == kd[:1]) for k, s in model)
 
     @staticmethod
     def _bare_table(src: TensorSource, key: str) -> bool:
