@@ -275,3 +275,37 @@ def test_a_run_tells_rows_never_selected_from_the_codes_in_use(tmp_path) -> None
     assert 0.25 <= m["rows_unchanged_fraction"] < 1 and m["moved_rows_norm_ratio"] > 5, m
     ids = [f.id for f in report.findings if f.severity in ("error", "warning")]
     assert ids[0] == "scale-mismatch" and "codebook-redundancy" not in ids, report.findings
+
+
+class EmbeddingHeld(nn.Module):
+    """Olaf-World's VectorQuantizer shape: an nn.Embedding holds the table, the lookup reads its
+    weight with cdist (the Embedding's own forward never runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.codebook = nn.Embedding(K, D)
+
+    def forward(self, x):
+        i = torch.cdist(x, self.codebook.weight).argmin(-1)
+        z = self.codebook.weight[i]
+        return x + (z - x).detach(), z, i
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.vq, self.dec = nn.Linear(4, D), EmbeddingHeld(), nn.Linear(D, 4)
+
+    def forward(self, x):
+        zq, z, _ = self.vq(self.enc(x))
+        return self.dec(zq), (z - self.enc(x).detach()).pow(2).mean()
+
+
+def test_a_table_held_by_an_embedding_layer_is_watched_at_its_owner(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = EmbeddingNet()
+    with vqdoctor.watch(model, tmp_path / "run", flush_every=10) as doctor:
+        train(model, doctor)
+    report = vqdoctor.report(tmp_path / "run")
+    assert [q.name for q in report.quantizers] == ["vq"]
+    assert report.to_dict()["complete"] and report.quantizers[0].metrics["tokens"] == pytest.approx(64)

@@ -300,9 +300,20 @@ def _source(model: nn.Module, index: ModuleIndex) -> tuple[TensorSource, dict[st
 
 
 def _module_for(index: ModuleIndex, state: QuantizerState, raw_of: dict[str, str]) -> tuple[str, nn.Module] | None:
-    """(clean name, module to hook) of a discovered state."""
+    """(clean name, module to hook) of a discovered state.
+
+    A table held by a torch layer (`nn.Embedding`) whose forward the quantizer never calls (it
+    reads `.weight` for a `cdist` lookup) is watched at the module that holds the layer: that
+    module's forward is the quantizer's.
+    """
     if state.name in index.clean_to_module:
-        return state.name, index.clean_to_module[state.name]
+        m = index.clean_to_module[state.name]
+        up = state.name.rpartition(".")[0]
+        inner = index.innermost(state.name) or m
+        if (up and up in index.clean_to_module and type(inner).__module__.startswith("torch.nn")
+                and not type(index.innermost(up) or index.clean_to_module[up]).__module__.startswith("torch.")):
+            return up, index.clean_to_module[up]
+        return state.name, m
     # the state name is not a module path: walk up from its codebook's owner
     key = state.keys.get("codebook") or next(iter(state.keys.values()), None)
     if key is None:
@@ -411,6 +422,8 @@ def _from_state(index: ModuleIndex, state: QuantizerState, raw_of: dict[str, str
     if found is None:
         return None
     name, module = found
+    if name != state.name:  # watched at the module that holds the table's layer
+        state.name = name
     H = state.heads
     K, D = state.codebook_size, state.dim
     codebook, counts, param = _none, _none, None
