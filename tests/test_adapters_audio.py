@@ -112,6 +112,32 @@ def test_mimi_split_rvq_groups_and_derived_codebook(tmp_path):
     assert all_claimed(states, src)
 
 
+def test_moshi_names_of_the_same_mimi_buffers(tmp_path):
+    # kyutai's moshi (RSTnet and others build on it): rvq_first / rvq_rest.vq.layers.N._codebook
+    # with embedding_sum, cluster_usage and _initialized, projections on the group
+    config = MimiConfig(hidden_size=16, codebook_size=32, codebook_dim=8, vector_quantization_hidden_dimension=8,
+                        num_quantizers=3, num_semantic_quantizers=1)
+    q = MimiSplitResidualVectorQuantizer(config)
+    rename = {"semantic_residual_vector_quantizer": "rvq_first", "acoustic_residual_vector_quantizer": "rvq_rest"}
+    sd = {}
+    for k, v in q.state_dict().items():
+        group, rest = k.split(".", 1)
+        rest = (rest.replace("layers.", "vq.layers.", 1).replace("codebook.embed_sum", "_codebook.embedding_sum")
+                .replace("codebook.cluster_usage", "_codebook.cluster_usage")
+                .replace("codebook.initialized", "_codebook._initialized"))
+        sd[f"generator.quantizer.{rename[group]}.{rest}"] = v
+    torch.save({"model": sd}, tmp_path / "moshi.pt")
+    src = open_checkpoint(tmp_path / "moshi.pt")
+    states = discover(src)
+    first, rest = "generator.quantizer.rvq_first.vq", "generator.quantizer.rvq_rest.vq"
+    assert [(s.group, s.stage, s.library) for s in states] == [(first, 0, "moshi"), (rest, 0, "moshi"),
+                                                             (rest, 1, "moshi")]
+    layer = q.acoustic_residual_vector_quantizer.layers[1]
+    assert torch.equal(states[2].codebook[0], layer.codebook.embed)
+    assert torch.equal(states[1].project_in[0], q.acoustic_residual_vector_quantizer.input_proj.weight[:, :, 0])
+    assert all_claimed(states, src)
+
+
 def tiny_dac() -> DacModel:
     return DacModel(DacConfig(encoder_hidden_size=4, downsampling_ratios=[2, 2], decoder_hidden_size=8,
                               upsampling_ratios=[2, 2], n_codebooks=3, codebook_size=16, codebook_dim=4))

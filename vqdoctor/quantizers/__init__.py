@@ -30,7 +30,7 @@ ADAPTER_MODULES = (
 # Shown when nothing is found, so the user knows what was tried (kept short: it ends a one-line error).
 SEARCHED = (
     "vector-quantize-pytorch (VQ, RVQ, FSQ, LFQ, SimVQ), encodec/audiocraft core_vq, transformers "
-    "EnCodec/Mimi/DAC, descript-audio-codec, diffusers VQModel, taming-transformers, rosinality VQ-VAE-2, "
+    "EnCodec/Mimi/DAC, moshi Mimi, descript-audio-codec, diffusers VQModel, taming-transformers, rosinality VQ-VAE-2, "
     "zalando VQ-VAE, Sonnet/torchmultimodal/VideoGPT EMA, generic [K, D] codebook with EMA buffers"
 )
 NAME_HINT = "name one with --quantizer PREFIX (e.g. --quantizer model.quantize; add --levels for FSQ)"
