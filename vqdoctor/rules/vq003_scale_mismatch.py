@@ -38,7 +38,8 @@ the encoder output scaled x0.01 used exactly one code.
   encoder that outgrows an EMA codebook for a few hundred steps, leaves codes dead this way.
 - Growth (run; cosine lookups, or Euclidean runs without a code norm): `z_norm_median` /
   its running minimum >= `z_growth_warn` (10), `error` from `z_growth_error` (100); dated where
-  the growth began (the smallest ||z|| before the crossing), the crossing step in the evidence.
+  the growth began (the smallest ||z|| before the crossing), the crossing step in the evidence;
+  it explains the replacement churn beside it (codes left behind faster than they are re-seeded).
 - Two checkpoints, or a run (gradient-trained codebooks, Euclidean), when the ratio above is
   not confirmed (the codes in use moved to the data's scale, so the ratio of medians says
   little): `moved_rows_norm_ratio`
@@ -248,8 +249,10 @@ def _growth(q: QuantizerEvidence, p: Params) -> Finding | None:
         quantizer=q.name, step=start,
         message=f"input norm grew {last:.3g}x from {float(z.min()):.3g} (step {start:,}) to {z.iloc[-1]:.3g} "
                 f"(median ||z||), {p.z_growth_warn:g}x by step {crossed:,}",
+        # inputs running away from the codebook leave codes behind faster than replacement
+        # re-seeds them: the churn that follows is this growth's symptom
         evidence={"z_norm_median": float(z.iloc[-1]), "z_norm_min": float(z.min()), "z_growth": last,
-                  "z_growth_warn_step": crossed},
+                  "z_growth_warn_step": crossed, "explains": ["replacement-churn"]},
         fix="Bound the encoder output: LayerNorm after project_in (lucidrains "
             "layernorm_after_project_in=True, #26) or a larger commitment weight; the commitment "
             "loss grows with ||z||^2 even when the lookup is scale-invariant.")
