@@ -56,10 +56,10 @@ class Net(nn.Module):
         return self.dec(q) + 0 * self.head(q).sum(), aux
 
 
-def train(model: nn.Module, doctor, steps: int = 30) -> None:
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
+def train(model: nn.Module, doctor, steps: int = 30, batch=lambda: torch.randn(64, 4), lr: float = 1e-2) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr)
     for _ in range(steps):
-        x = torch.randn(64, 4)
+        x = batch()
         y, aux = model(x)
         loss = (y - x).pow(2).mean() + aux
         opt.zero_grad()
@@ -259,17 +259,9 @@ def test_a_run_tells_rows_never_selected_from_the_codes_in_use(tmp_path) -> None
     # that is the scale mismatch (as two checkpoints show it), not 'duplicate' codes
     torch.manual_seed(0)
     model = TinyInitNet()
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
     data = torch.randn(4096, 16)
     with vqdoctor.watch(model, tmp_path / "run", flush_every=20) as doctor:
-        for _ in range(120):
-            x = data[torch.randint(0, 4096, (256,))]
-            y, aux = model(x)
-            loss = (y - x).pow(2).mean() + aux
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            doctor.step(loss=loss)
+        train(model, doctor, 120, batch=lambda: data[torch.randint(0, 4096, (256,))], lr=1e-3)
     report = vqdoctor.report(tmp_path / "run")
     m = report.quantizers[0].metrics
     assert 0.25 <= m["rows_unchanged_fraction"] < 1 and m["moved_rows_norm_ratio"] > 5, m
