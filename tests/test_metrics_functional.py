@@ -248,3 +248,15 @@ def test_lfq_indices_msb_first():
     bits, idx = F.lfq_indices(torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, -1.0]]))
     assert bits.tolist() == [[True, False, True], [False, False, False]]
     assert idx.tolist() == [0b101, 0]
+
+
+@pytest.mark.parametrize("rule", F.EMA_RULES)
+@pytest.mark.parametrize("cosine", [False, True])
+def test_ema_residual_leaves_float64_inputs_alone(rule, cosine):
+    # `.to(torch.float64)` returns a float64 input itself: the blocks must not be updated in place
+    g = torch.Generator().manual_seed(3)
+    e, m = torch.randn(2, 9, 4, generator=g, dtype=torch.float64), torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
+    n = torch.rand(2, 9, generator=g, dtype=torch.float64) * 3
+    before = (e.clone(), m.clone(), n.clone())
+    F.ema_residual(e, m, n, cosine=cosine, rule=rule)
+    assert all(torch.equal(a, b) for a, b in zip(before, (e, m, n), strict=True))

@@ -377,17 +377,6 @@ class StoreTail:
                 self._meta_mtime = mtime
 
 
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    raw = raw.strip()
-    if not raw:
-        return None
-    try:
-        rec = json.loads(raw.decode("utf-8", errors="replace"))
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) and "t" in rec else None
-
-
 
 def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """meta.json of a run directory, or {} when absent or unreadable (streams suffice)."""

@@ -270,9 +270,8 @@ def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Ten
     Returns:
         float64 `[..., K]` relative residuals.
     """
-    if rule == "eps-blend":
-        return _eps_blend_residual(embed, embed_avg, counts, eps, cosine)
-    nt = counts.detach().to(torch.float64) if smoothed else laplace_smooth(counts, eps)
+    blend = rule == "eps-blend"
+    nt = counts.detach().to(torch.float64) if smoothed or blend else laplace_smooth(counts, eps)
     k, d = embed.shape[-2], embed.shape[-1]
     out = torch.empty(nt.shape, dtype=torch.float64)
     # float64 over small row blocks: the table may be 65536 x 256 and a float64 copy of it is
@@ -283,40 +282,18 @@ def ema_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Ten
         e = embed[..., s:s + step, :].detach().to(torch.float64)
         m = embed_avg[..., s:s + step, :].detach().to(torch.float64)
         n = nt[..., s:s + step].unsqueeze(-1)
+        # the row the EMA would store: m / Ñ (Laplace), (m + eps e) / (n + eps) (eps-blend;
+        # for a cosine lookup the common factor 1 / (n + eps) does not change the direction)
+        x = m + eps * e if blend else m / n  # out of place: a float64 input is not copied by .to
         if cosine:
             # lucidrains' l2norm is F.normalize(eps=1e-6) (1e-12 in old releases): a row whose
-            # m / Ñ is shorter than eps (a long-dead code) is stored as (m / Ñ) / eps, not unit.
-            x = m.div_(n)
+            # target is shorter than eps (a long-dead code) is stored as target / eps, not unit.
             xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
             num = torch.minimum(*(torch.linalg.vector_norm(x / xn.clamp_min(c) - e, dim=-1)
                                   for c in COSINE_NORM_EPS))
         else:
-            num = torch.linalg.vector_norm(torch.addcdiv(e, m, n, value=-1.0), dim=-1)  # e - m / n
+            num = torch.linalg.vector_norm(e - (x / (n + eps) if blend else x), dim=-1)
         out[..., s:s + step] = (num / torch.linalg.vector_norm(e, dim=-1)).masked_fill_(num == 0, 0.0)
-    return out
-
-
-def _eps_blend_residual(embed: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Tensor,
-                        eps: float, cosine: bool) -> torch.Tensor:
-    """`ema_residual` for rule "eps-blend", in row blocks like the Laplace branch."""
-    nt = counts.detach().to(torch.float64)
-    k, d = embed.shape[-2], embed.shape[-1]
-    out = torch.empty(nt.shape, dtype=torch.float64)
-    step = max(1, STREAM_ELEMENTS // max(d * int(nt[..., :1].numel()), 1))
-    for s in range(0, k, step):
-        e = embed[..., s:s + step, :].detach().to(torch.float64)
-        m = embed_avg[..., s:s + step, :].detach().to(torch.float64)
-        n = nt[..., s:s + step].unsqueeze(-1)
-        if cosine:
-            x = m + eps * e
-            xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            num = torch.minimum(*(torch.linalg.vector_norm(x / xn.clamp_min(c) - e, dim=-1)
-                                  for c in COSINE_NORM_EPS))
-            den = torch.linalg.vector_norm(e, dim=-1)
-        else:
-            num = torch.linalg.vector_norm(e * n - m, dim=-1)
-            den = torch.linalg.vector_norm(e, dim=-1) * (n.squeeze(-1) + eps)
-        out[..., s:s + step] = (num / den).masked_fill_(num == 0, 0.0)
     return out
 
 
